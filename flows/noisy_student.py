@@ -1,0 +1,39 @@
+"""The Noisy Student loop as a Prefect flow: teacher, then label -> student per iteration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from noisy_student.config import load_config
+from tasks import steps
+
+
+@flow(name="noisy-student", log_prints=True)
+def noisy_student(
+    params_file: str = "params.yaml",
+    iterations: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    runs_root: str = "runs",
+) -> dict[str, Any]:
+    """Run the loop with ``params_file``; ``iterations`` keeps the first N students and
+    ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
+    ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps."""
+    cfg = load_config(params_file, overrides, max_iterations=iterations)
+    config = cfg.model_dump(mode="json")
+    run_dir = str(Path(runs_root) / cfg.fingerprint())
+    # Cached results point into run_dir: recompute them when it is gone.
+    fresh = {"refresh_cache": not Path(run_dir).exists()}
+
+    steps.prepare.with_options(**fresh)(config, run_dir)
+    steps.train.with_options(**fresh)(config, run_dir, 0)  # the teacher, no noise
+    for iteration in sorted(cfg.iterations):
+        steps.pseudo_label.with_options(**fresh)(config, run_dir, iteration)
+        steps.train.with_options(**fresh)(config, run_dir, iteration)  # noised student
+    return steps.report(config, run_dir)
+
+
+if __name__ == "__main__":  # python -m flows.noisy_student
+    noisy_student()

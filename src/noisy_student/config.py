@@ -1,0 +1,202 @@
+"""The one schema for ``params.yaml``: every parameter, its default and what it may be.
+
+DVC reads ``params.yaml`` directly and Prefect passes overrides on top of it; both go
+through :func:`load_config`, so an unknown key or a bad value is refused, naming the
+key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Raised for an invalid ``params.yaml`` or override; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: Literal["digits"] = Field("digits", description="dataset to read from `root`")
+    root: str = Field("data", description="directory holding the materialized dataset")
+    labeled_per_class: int = Field(10, ge=1, description="labeled images per class")
+    val_per_class: int = Field(20, ge=1, description="validation images per class")
+    test_per_class: int = Field(40, ge=1, description="test images per class")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(40, ge=1, description="epochs per model unless the model sets its own")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0, description="peak SGD learning rate (cosine decay)")
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class TeacherConfig(_Strict):
+    width: float = Field(1.0, gt=0, description="channel multiplier of the model family")
+    depth: float = Field(1.0, gt=0, description="blocks-per-stage multiplier")
+    augment: Literal["none", "weak"] = Field("weak", description="teacher augmentation policy")
+    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
+
+
+class NoiseConfig(_Strict):
+    """Noise applied to students only; the teacher is never noised."""
+
+    randaugment_ops: int = Field(2, ge=0, le=14, description="RandAugment N")
+    randaugment_magnitude: int = Field(5, ge=0, le=30, description="RandAugment M (0-30)")
+    dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the classifier")
+    stochastic_depth: float = Field(
+        0.2, ge=0, lt=1, description="drop probability of the last residual block"
+    )
+
+
+class PseudoLabelConfig(_Strict):
+    mode: Literal["hard", "soft"] = Field("soft", description="one-hot or full distribution")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature for soft labels")
+    threshold: float = Field(0.5, ge=0, le=1, description="min teacher confidence to keep")
+    batch_size: int = Field(512, ge=1)
+
+
+class IterationConfig(_Strict):
+    teacher: int = Field(ge=0, description="iteration whose model labels the pool (i - 1)")
+    width: float = Field(1.0, gt=0)
+    depth: float = Field(1.0, gt=0)
+    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "noisy-student"
+    registered_model: str = "noisy-student"
+
+
+def _default_iterations() -> dict[int, IterationConfig]:
+    return {
+        1: IterationConfig(teacher=0, width=1.0, depth=1.0),
+        2: IterationConfig(teacher=1, width=1.5, depth=1.0),
+    }
+
+
+class Config(_Strict):
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    noise: NoiseConfig = NoiseConfig()
+    pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
+    iterations: dict[int, IterationConfig] = Field(default_factory=_default_iterations)
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _students_grow(self) -> Config:
+        keys = sorted(self.iterations)
+        if keys != list(range(1, len(keys) + 1)):
+            raise ValueError(f"iterations: keys must be 1..N in order, got {keys}")
+        previous = (self.teacher.width, self.teacher.depth)
+        for key in keys:
+            it = self.iterations[key]
+            if it.teacher != key - 1:
+                raise ValueError(
+                    f"iterations.{key}.teacher: must be {key - 1} (the previous iteration)"
+                    f", got {it.teacher}"
+                )
+            if it.width < previous[0] or it.depth < previous[1]:
+                raise ValueError(
+                    f"iterations.{key}: a student must be equal to or larger than its teacher "
+                    f"(width >= {previous[0]}, depth >= {previous[1]}), "
+                    f"got width={it.width}, depth={it.depth}"
+                )
+            previous = (it.width, it.depth)
+        return self
+
+    def epochs_for(self, iteration: int) -> int:
+        own = self.teacher.epochs if iteration == 0 else self.iterations[iteration].epochs
+        return own or self.train.epochs
+
+    def size_of(self, iteration: int) -> tuple[float, float]:
+        spec = self.teacher if iteration == 0 else self.iterations[iteration]
+        return spec.width, spec.depth
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config, for lineage tags and run names."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc``, for unknown-key messages."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a key of ``iterations``
+            continue
+        model = IterationConfig if part == "iterations" else model.model_fields[part].annotation
+    return (
+        list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    )
+
+
+def _format(error: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc))
+            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+        elif err["type"] == "value_error":
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    max_iterations: int | None = None,
+) -> Config:
+    """Read ``params.yaml`` (or the defaults when ``path`` is None), apply dotted overrides
+    such as ``{"train.epochs": 1}``, keep the first ``max_iterations`` students, validate."""
+    raw: dict[str, Any] = Config().model_dump(mode="json")
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+    bare = [k for k in raw.get("iterations") or {} if not isinstance(k, str)]
+    if bare:
+        raise ConfigError(
+            f"{source}: iterations: quote the keys ({', '.join(f'{k!r}' for k in bare)} -> "
+            f"{', '.join(f'{str(k)!r}' for k in bare)}); DVC's foreach skips unquoted numeric keys"
+        )
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    if max_iterations is not None:
+        if max_iterations < 0:
+            raise ConfigError(f"iterations: must be >= 0, got {max_iterations}")
+        raw["iterations"] = {
+            k: v for k, v in (raw.get("iterations") or {}).items() if int(k) <= max_iterations
+        }
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None

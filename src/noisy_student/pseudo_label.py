@@ -1,0 +1,64 @@
+"""Pseudo-labeling with the un-noised teacher: eval mode, no augmentation, in batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from noisy_student.engine import predict_logits_batches
+
+
+def pseudo_label(
+    model: nn.Module,
+    images: torch.Tensor,
+    image_ids: np.ndarray,
+    device: torch.device,
+    mode: str = "soft",
+    temperature: float = 1.0,
+    threshold: float = 0.0,
+    batch_size: int = 512,
+) -> pd.DataFrame:
+    """Label every image; keep those whose confidence (max probability at ``temperature``)
+    reaches ``threshold``. Columns: ``image_id``, ``label``, ``confidence`` and, in soft
+    mode, ``probs`` (the full distribution, summing to 1)."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
+    kept = []
+    start = 0
+    for logits in predict_logits_batches(model, images, device, batch_size):
+        probs = (logits / temperature).softmax(dim=-1)
+        confidence, label = probs.max(dim=-1)
+        keep = (confidence >= threshold).numpy()
+        ids = image_ids[start : start + len(logits)]
+        start += len(logits)
+        part = pd.DataFrame(
+            {
+                "image_id": ids[keep],
+                "label": label.numpy()[keep],
+                "confidence": confidence.numpy()[keep],
+            }
+        )
+        if mode == "soft":
+            part["probs"] = list(probs.numpy()[keep].astype(np.float32))
+        kept.append(part)
+    return (
+        pd.concat(kept, ignore_index=True)
+        if kept
+        else pd.DataFrame(columns=["image_id", "label", "confidence"])
+    )
+
+
+def targets_from_manifest(manifest: pd.DataFrame, num_classes: int) -> torch.Tensor:
+    """Probability targets: the stored distribution in soft mode, one-hot otherwise."""
+    if len(manifest) == 0:
+        return torch.zeros(0, num_classes)
+    if "probs" in manifest.columns:
+        return torch.tensor(np.stack(manifest["probs"].to_numpy()), dtype=torch.float32)
+    return one_hot(manifest["label"].to_numpy(), num_classes)
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    labels = torch.tensor(labels, dtype=torch.long)  # a copy: parquet columns are read-only
+    return torch.nn.functional.one_hot(labels, num_classes).float()

@@ -1,0 +1,56 @@
+"""One Prefect task per pipeline step. Tasks exchange file paths, never tensors, and
+are cached on their inputs (the resolved config and the run directory, which is named
+after the config's hash), so re-running a flow skips the steps that already finished."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.runtime import flow_run
+
+from noisy_student import pipeline
+from noisy_student.config import Config
+from noisy_student.tracking import log_pipeline_run
+
+CACHED = dict(
+    cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=1, retry_delay_seconds=5
+)
+
+
+def _layout(run_dir: str) -> pipeline.RunLayout:
+    return pipeline.RunLayout(run_dir)
+
+
+@task(name="prepare", **CACHED)
+def prepare(config: dict[str, Any], run_dir: str) -> str:
+    return str(pipeline.prepare(Config.model_validate(config), _layout(run_dir)))
+
+
+@task(name="train", task_run_name="train-{iteration}", **CACHED)
+def train(config: dict[str, Any], run_dir: str, iteration: int) -> str:
+    return str(pipeline.train(Config.model_validate(config), _layout(run_dir), iteration))
+
+
+@task(name="pseudo-label", task_run_name="pseudo-label-{iteration}", **CACHED)
+def pseudo_label(config: dict[str, Any], run_dir: str, iteration: int) -> str:
+    return str(pipeline.label_pool(Config.model_validate(config), _layout(run_dir), iteration))
+
+
+@task(name="report", retries=2, retry_delay_seconds=5)
+def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Summarize, record the run in MLflow and publish the iteration table in Prefect."""
+    cfg = Config.model_validate(config)
+    table = pipeline.summarize(cfg, _layout(run_dir))
+    run_id = log_pipeline_run(
+        cfg, _layout(run_dir), "prefect", extra_tags={"prefect_flow_run_id": str(flow_run.id)}
+    )
+    create_markdown_artifact(
+        markdown=f"## Noisy Student iterations\n\n{table.to_markdown(index=False)}\n\n"
+        f"MLflow parent run: `{run_id}`",
+        key="noisy-student-iterations",
+        description="val/test accuracy by iteration",
+    )
+    return {"mlflow_run_id": run_id, "run_dir": run_dir, "iterations": table.to_dict("records")}

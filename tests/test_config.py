@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noisy_student.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_shipped_params_are_the_schema_defaults() -> None:
+    assert load_config(REPO / "params.yaml") == Config()
+
+
+def test_bad_value_names_key_and_allowed_values(tmp_path: Path) -> None:
+    path = write(tmp_path, {"pseudo_label": {"mode": "medium"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "pseudo_label.mode" in str(err.value)
+    assert "'hard' or 'soft'" in str(err.value)
+    assert "medium" in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.epoks: unknown key.*epochs, batch_size"):
+        load_config(write(tmp_path, {"train": {"epoks": 3}}))
+
+
+def test_out_of_range_number_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"pseudo_label\.threshold: .*less than or equal to 1"):
+        load_config(None, {"pseudo_label.threshold": 1.5})
+
+
+def test_student_smaller_than_teacher_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"iterations\.2: .*equal to or larger than its teacher"):
+        load_config(None, {"iterations.2.width": 0.5})
+
+
+def test_iteration_keys_must_be_quoted_for_dvc(tmp_path: Path) -> None:
+    tree = {"iterations": {1: {"teacher": 0}}}
+    with pytest.raises(ConfigError, match="quote the keys"):
+        load_config(write(tmp_path, tree))
+
+
+def test_iteration_teacher_must_be_previous() -> None:
+    with pytest.raises(ConfigError, match=r"iterations\.2\.teacher: must be 1"):
+        load_config(None, {"iterations.2.teacher": 0})
+
+
+def test_overrides_and_max_iterations() -> None:
+    cfg = load_config(REPO / "params.yaml", {"train.epochs": 3, "noise.dropout": 0.1}, 1)
+    assert cfg.train.epochs == 3 and cfg.noise.dropout == 0.1
+    assert list(cfg.iterations) == [1]
+    assert cfg.epochs_for(1) == 3
+    assert cfg.fingerprint() != Config().fingerprint()
+
+
+def test_cli_refuses_bad_params_before_any_work(tmp_path: Path) -> None:
+    params = write(tmp_path, {"noise": {"dropout": 2.0}})
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "noisy_student.cli",
+            "--params",
+            str(params),
+            "--run-dir",
+            str(run_dir),
+            "prepare",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "noise.dropout" in result.stderr and "less than 1" in result.stderr
+    assert not run_dir.exists()

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from noisy_student.config import Config
+from noisy_student.io import read_json
+from noisy_student.models import load_checkpoint, num_parameters
+from noisy_student.pipeline import MODEL, PSEUDO_LABELS, RunLayout, run_all
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_loop_runs_and_reproduces_bit_for_bit(tiny_config: Config, tmp_path: Path) -> None:
+    first, second = RunLayout(tmp_path / "a"), RunLayout(tmp_path / "b")
+    table = run_all(tiny_config, first)
+    run_all(tiny_config, second)
+
+    assert table["iteration"].tolist() == [0, 1, 2]
+    assert table["num_labeled"].tolist() == [50, 50, 50]
+    assert table.loc[0, "num_pseudo_labeled"] == 0
+    assert (table.loc[1:, "num_pseudo_labeled"] > 0).all()
+    assert table[["val_accuracy", "test_accuracy"]].stack().between(0, 1).all()
+    # Student 2 is wider than its teacher, student 1.
+    sizes = [num_parameters(load_checkpoint(str(first.model_dir(i) / MODEL))) for i in range(3)]
+    assert sizes[0] == sizes[1] < sizes[2]
+
+    pseudo = pd.read_parquet(first.pseudo_dir(1) / PSEUDO_LABELS)
+    pool = pd.read_parquet(first.splits / "unlabeled.parquet")
+    assert set(pseudo["image_id"]) <= set(pool["image_id"])
+    assert (pseudo["confidence"] >= tiny_config.pseudo_label.threshold).all()
+    stats = read_json(first.pseudo_dir(1) / "metrics.json")
+    assert stats["num_pseudo_labeled"] == len(pseudo) and stats["pool_size"] == len(pool)
+
+    for i in range(3):
+        assert md5(first.model_dir(i) / MODEL) == md5(second.model_dir(i) / MODEL)
+        assert (
+            read_json(first.model_dir(i) / "metrics.json")["test_accuracy"]
+            == read_json(second.model_dir(i) / "metrics.json")["test_accuracy"]
+        )
+    assert read_json(first.report / "metrics.json") == read_json(second.report / "metrics.json")

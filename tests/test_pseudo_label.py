@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from noisy_student.pseudo_label import pseudo_label, targets_from_manifest
+
+
+class FixedLogits(nn.Module):
+    """Returns preset logits for the images it is given, in order."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.seen : self.seen + len(x)]
+        self.seen += len(x)
+        return out
+
+
+LOGITS = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 9.0], [1.0, 2.0, 0.0]])
+IMAGES = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+IDS = np.array([10, 11, 12, 13])
+
+
+def test_threshold_keeps_confident_images_only() -> None:
+    probs = LOGITS.softmax(-1)
+    manifest = pseudo_label(
+        FixedLogits(LOGITS),
+        IMAGES,
+        IDS,
+        torch.device("cpu"),
+        mode="hard",
+        threshold=0.6,
+        batch_size=3,
+    )
+    expected = (probs.max(-1).values >= 0.6).numpy()
+    assert manifest["image_id"].tolist() == IDS[expected].tolist() == [10, 12, 13]
+    assert manifest["label"].tolist() == [0, 2, 1]
+    np.testing.assert_allclose(manifest["confidence"], probs.max(-1).values[expected], rtol=1e-6)
+    assert "probs" not in manifest
+    assert torch.equal(targets_from_manifest(manifest, 3).argmax(-1), torch.tensor([0, 2, 1]))
+
+
+def test_soft_labels_sum_to_one_and_follow_temperature() -> None:
+    cold = pseudo_label(FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), mode="soft")
+    hot = pseudo_label(
+        FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), mode="soft", temperature=4.0
+    )
+    for manifest in (cold, hot):
+        targets = targets_from_manifest(manifest, 3)
+        torch.testing.assert_close(targets.sum(-1), torch.ones(4))
+    np.testing.assert_allclose(np.stack(hot["probs"]), (LOGITS / 4).softmax(-1), rtol=1e-5)
+    assert (hot["confidence"].to_numpy() < cold["confidence"].to_numpy()).all()
+
+
+def test_teacher_is_run_in_eval_mode() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.9), nn.Linear(4, 3))
+    model.train()
+    first = pseudo_label(model, IMAGES + 255, IDS, torch.device("cpu"), mode="soft")
+    second = pseudo_label(model, IMAGES + 255, IDS, torch.device("cpu"), mode="soft")
+    assert not model.training
+    np.testing.assert_array_equal(np.stack(first["probs"]), np.stack(second["probs"]))
+
+
+def test_nothing_above_threshold_gives_empty_targets() -> None:
+    manifest = pseudo_label(
+        FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), mode="soft", threshold=1.0
+    )
+    assert len(manifest) == 0
+    assert targets_from_manifest(manifest, 3).shape == (0, 3)
