@@ -1,0 +1,144 @@
+"""`dvc repro` in a temporary git + DVC copy of the repository, with the real CLI and
+a real MLflow sqlite store; then an `mlflow server` on loopback serves the records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+import yaml
+
+from tests.e2e.conftest import base_env, free_port, make_repo_copy, run, stop, wait_http
+
+pytestmark = pytest.mark.e2e
+
+
+def read_metrics(repo: Path) -> dict[str, dict]:
+    files = sorted((repo / "artifacts").glob("**/metrics.json"))
+    return {str(p.relative_to(repo)): json.loads(p.read_text()) for p in files}
+
+
+def strip_timing(metrics: dict[str, dict]) -> dict[str, dict]:
+    return {k: {m: v for m, v in d.items() if m != "train_seconds"} for k, d in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = make_repo_copy(tmp_path_factory.mktemp("dvc") / "repo")
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+def mlflow_client(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+
+
+def test_repro_writes_metrics_and_one_mlflow_run_per_iteration(repro: Path) -> None:
+    metrics = read_metrics(repro)
+    for name in (
+        "splits",
+        "models/iter_0",
+        "models/iter_1",
+        "models/iter_2",
+        "pseudo/iter_1",
+        "pseudo/iter_2",
+        "report",
+    ):
+        assert f"artifacts/{name}/metrics.json" in metrics
+    assert metrics["artifacts/report/metrics.json"]["iterations"] == 2
+
+    client = mlflow_client(repro)
+    experiment = client.get_experiment_by_name("noisy-student")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: int(r.data.params["iteration"]),
+    )
+    assert [r.info.run_name for r in children] == [
+        "teacher (width x1, depth x1)",
+        "student-1 (width x1, depth x1)",
+        "student-2 (width x1.5, depth x1)",
+    ]
+    for run_ in (parent, *children):
+        assert run_.data.tags["entry_point"] == "dvc"
+        assert len(run_.data.tags["git_commit"]) == 40
+        assert run_.data.tags["data_dvc_md5"].endswith(".dir")
+    student = children[2]
+    assert student.data.params["randaugment_ops"] == "2"
+    assert float(student.data.params["stochastic_depth"]) > 0
+    assert int(student.data.metrics["num_pseudo_labeled"]) == int(
+        metrics["artifacts/pseudo/iter_2/metrics.json"]["num_pseudo_labeled"]
+    )
+    assert student.data.metrics["test_accuracy"] == pytest.approx(
+        metrics["artifacts/models/iter_2/metrics.json"]["test_accuracy"]
+    )
+    assert len(client.get_metric_history(children[0].info.run_id, "val_accuracy")) == 12
+    versions = client.search_model_versions("name='noisy-student'")
+    assert len(versions) == 3
+
+
+def test_second_repro_does_nothing(repro: Path) -> None:
+    before = len(mlflow_client(repro).search_runs(["0", "1"]))
+    result = run(["dvc", "repro"], repro)
+    assert "Data and pipelines are up to date." in result.stdout
+    assert len(mlflow_client(repro).search_runs(["0", "1"])) == before
+
+
+def test_changing_a_student_reruns_only_what_depends_on_it(repro: Path) -> None:
+    params = yaml.safe_load((repro / "params.yaml").read_text())
+    params["iterations"]["2"]["epochs"] = 2
+    (repro / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(run(["dvc", "status", "--json"], repro).stdout)
+    assert set(status) == {"student@2", "report"}
+    run(["git", "checkout", "params.yaml"], repro)
+    assert json.loads(run(["dvc", "status", "--json"], repro).stdout) == {}
+
+
+def test_forced_repro_gives_identical_metrics(repro: Path) -> None:
+    before = read_metrics(repro)
+    run(["dvc", "repro", "--force"], repro)
+    assert strip_timing(read_metrics(repro)) == strip_timing(before)
+
+
+def test_mlflow_server_serves_the_runs(repro: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{repro / 'mlflow' / 'mlflow.db'}",
+            "--workers",
+            "1",
+        ],
+        cwd=repro,
+        env=base_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        wait_http(f"http://127.0.0.1:{port}/health", process=server)
+        experiment = httpx.get(
+            f"{api}/experiments/get-by-name", params={"experiment_name": "noisy-student"}
+        ).json()["experiment"]
+        runs = httpx.post(
+            f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}
+        ).json()["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert {"teacher (width x1, depth x1)", "student-2 (width x1.5, depth x1)"} <= names
+        model = httpx.get(f"{api}/registered-models/get", params={"name": "noisy-student"}).json()
+        assert model["registered_model"]["name"] == "noisy-student"
+    finally:
+        stop(server)
