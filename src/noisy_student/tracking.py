@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -22,7 +23,6 @@ import torchvision
 import yaml
 from mlflow.models import infer_signature
 
-import mlflow
 from noisy_student.config import Config
 from noisy_student.data import load_images
 from noisy_student.io import read_json
