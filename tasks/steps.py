@@ -24,7 +24,7 @@ def _layout(run_dir: str) -> pipeline.RunLayout:
     return pipeline.RunLayout(run_dir)
 
 
-@task(name="prepare", **CACHED)
+@task(name="prepare", task_run_name="prepare", **CACHED)
 def prepare(config: dict[str, Any], run_dir: str) -> str:
     return str(pipeline.prepare(Config.model_validate(config), _layout(run_dir)))
 
@@ -39,7 +39,7 @@ def pseudo_label(config: dict[str, Any], run_dir: str, iteration: int) -> str:
     return str(pipeline.label_pool(Config.model_validate(config), _layout(run_dir), iteration))
 
 
-@task(name="report", retries=2, retry_delay_seconds=5)
+@task(name="report", task_run_name="report", retries=2, retry_delay_seconds=5)
 def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Summarize, record the run in MLflow and publish the iteration table in Prefect."""
     cfg = Config.model_validate(config)

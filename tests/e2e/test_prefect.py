@@ -1,0 +1,118 @@
+"""The flow through a real Prefect server on loopback, a process work pool, `prefect
+deploy` from prefect.yaml, a worker, and `prefect deployment run ... --watch`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from tests.e2e.conftest import base_env, free_port, make_repo_copy, run, stop, wait_http
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A Prefect server, the `local` pool, the deployments, and one worker."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    repo = make_repo_copy(tmp / "repo")
+    port = free_port()
+    env = base_env(
+        PREFECT_HOME=str(tmp / "home"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    worker = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, process=server)
+        run(["prefect", "work-pool", "create", "local", "--type", "process"], repo, env)
+        run(["prefect", "--no-prompt", "deploy", "--name", "local"], repo, env)
+        worker_log = open(tmp / "worker.log", "w")  # noqa: SIM115
+        worker = subprocess.Popen(
+            ["prefect", "worker", "start", "--pool", "local", "--type", "process"],
+            cwd=repo,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+        )
+        yield repo, env
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+        log.close()
+
+
+def deployment_run(repo: Path, env: dict[str, str]) -> str:
+    result = run(
+        [
+            "prefect",
+            "deployment",
+            "run",
+            "noisy-student/local",
+            "--watch",
+            "--watch-timeout",
+            "900",
+            "--param",
+            "iterations=1",
+        ],
+        repo,
+        env,
+        timeout=960,
+    )
+    assert "Completed" in result.stdout, result.stdout
+    return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+
+
+def task_states(env: dict[str, str], flow_run_id: str) -> dict[str, str]:
+    response = httpx.post(
+        f"{env['PREFECT_API_URL']}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
+    )
+    response.raise_for_status()
+    return {t["name"]: t["state"]["name"] for t in response.json()}
+
+
+def test_deployment_run_completes_and_records_mlflow(prefect: tuple[Path, dict]) -> None:
+    repo, env = prefect
+    flow_run_id = deployment_run(repo, env)
+
+    states = task_states(env, flow_run_id)
+    assert set(states) == {"prepare", "train-0", "pseudo-label-1", "train-1", "report"}
+    assert set(states.values()) == {"Completed"}
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("noisy-student").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["iteration"] for r in children) == ["0", "1"]
+    for run_ in (parent, *children):
+        assert run_.data.tags["entry_point"] == "prefect"
+        assert run_.data.tags["prefect_flow_run_id"] == flow_run_id
+    assert len(client.search_model_versions("name='noisy-student'")) == 2
+
+    # A second run with the same parameters reuses every finished step.
+    again = deployment_run(repo, env)
+    states = task_states(env, again)
+    assert {name: s for name, s in states.items() if name != "report"} == {
+        "prepare": "Cached",
+        "train-0": "Cached",
+        "pseudo-label-1": "Cached",
+        "train-1": "Cached",
+    }
+    assert states["report"] == "Completed"
