@@ -22,7 +22,7 @@ run: install
 
 lint: install
 	ruff check .
-	ruff format --check src tasks flows tests benchmarks
+	ruff format --check .
 
 test: lint
 	pytest

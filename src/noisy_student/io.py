@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -53,5 +54,8 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through memory: saving to the temporary file directly would name the
+    archive's records after that random file name, and the same model would hash differently."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())

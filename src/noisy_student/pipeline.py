@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -89,6 +88,11 @@ def _split(layout: RunLayout, name: str) -> pd.DataFrame:
     return pd.read_parquet(layout.splits / f"{name}.parquet")
 
 
+def _column(frame: pd.DataFrame, name: str) -> torch.Tensor:
+    """A manifest column as a tensor (a copy: parquet-backed arrays are read-only)."""
+    return torch.tensor(frame[name].to_numpy())
+
+
 def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     """Train the teacher (iteration 0: labeled data, no noise) or student ``iteration``
     (labeled + pseudo-labeled data, RandAugment + dropout + stochastic depth)."""
@@ -98,7 +102,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     images = torch.from_numpy(data.images)
     num_classes = len(data.classes)
     labeled = _split(layout, "labeled")
-    ids = labeled["image_id"].to_numpy()
+    ids = _column(labeled, "image_id")
     targets = one_hot(labeled["label"].to_numpy(), num_classes)
     width, depth = cfg.size_of(iteration)
     n_pseudo = 0
@@ -108,7 +112,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     else:
         pseudo = pd.read_parquet(layout.pseudo_dir(iteration) / PSEUDO_LABELS)
         n_pseudo = len(pseudo)
-        ids = np.concatenate([ids, pseudo["image_id"].to_numpy()])
+        ids = torch.cat([ids, _column(pseudo, "image_id")])
         targets = torch.cat([targets, targets_from_manifest(pseudo, num_classes)])
         noise = {"dropout": cfg.noise.dropout, "stochastic_depth": cfg.noise.stochastic_depth}
         augment = build_augment(
@@ -118,7 +122,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         num_classes=num_classes, in_channels=data.images.shape[1], width=width, depth=depth, **noise
     )
     val = _split(layout, "val")
-    val_set = (images[val["image_id"].to_numpy()], torch.tensor(val["label"].to_numpy()))
+    val_set = (images[_column(val, "image_id")], _column(val, "label"))
     settings = TrainSettings(
         cfg.epochs_for(iteration), cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay
     )
@@ -142,8 +146,8 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         "num_pseudo_labeled": n_pseudo,
         "val_accuracy": accuracy(predict_proba(model, val_set[0], device), val_set[1]),
         "test_accuracy": accuracy(
-            predict_proba(model, images[test["image_id"].to_numpy()], device),
-            torch.tensor(test["label"].to_numpy()),
+            predict_proba(model, images[_column(test, "image_id")], device),
+            _column(test, "label"),
         ),
         "train_seconds": round(seconds, 3),
     }
