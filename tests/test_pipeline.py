@@ -8,7 +8,15 @@ import pandas as pd
 from noisy_student.config import Config
 from noisy_student.io import read_json
 from noisy_student.models import load_checkpoint, num_parameters
-from noisy_student.pipeline import MODEL, PSEUDO_LABELS, RunLayout, run_all
+from noisy_student.pipeline import (
+    MODEL,
+    PSEUDO_LABELS,
+    RunLayout,
+    label_pool,
+    prepare,
+    run_all,
+    train,
+)
 
 
 def md5(path: Path) -> str:
@@ -43,3 +51,19 @@ def test_loop_runs_and_reproduces_bit_for_bit(tiny_config: Config, tmp_path: Pat
             == read_json(second.model_dir(i) / "metrics.json")["test_accuracy"]
         )
     assert read_json(first.report / "metrics.json") == read_json(second.report / "metrics.json")
+
+
+def test_label_pool_balances_classes(tiny_config: Config, tmp_path: Path) -> None:
+    cfg = tiny_config.model_copy(
+        update={"pseudo_label": tiny_config.pseudo_label.model_copy(update={"balance": 30})}
+    )
+    layout = RunLayout(tmp_path)
+    prepare(cfg, layout)
+    train(cfg, layout, 0)
+    label_pool(cfg, layout, 1)
+    stats = read_json(layout.pseudo_dir(1) / "metrics.json")
+    before, after = stats["class_counts_before_balancing"], stats["class_counts"]
+    assert sum(before) == stats["num_above_threshold"]
+    assert after == [30 if n else 0 for n in before]
+    manifest = pd.read_parquet(layout.pseudo_dir(1) / PSEUDO_LABELS)
+    assert len(manifest) == stats["num_pseudo_labeled"] == sum(after)

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from noisy_student.pseudo_label import pseudo_label, targets_from_manifest
+from noisy_student.pseudo_label import (
+    balance_classes,
+    class_counts,
+    pseudo_label,
+    targets_from_manifest,
+)
 
 
 class FixedLogits(nn.Module):
@@ -72,3 +78,25 @@ def test_nothing_above_threshold_gives_empty_targets() -> None:
     )
     assert len(manifest) == 0
     assert targets_from_manifest(manifest, 3).shape == (0, 3)
+
+
+def manifest_of(labels: list[int], confidences: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"image_id": range(len(labels)), "label": labels, "confidence": confidences}
+    )
+
+
+def test_balance_keeps_most_confident_of_frequent_classes() -> None:
+    manifest = manifest_of([0, 0, 0, 0, 1, 1], [0.6, 0.9, 0.7, 0.8, 0.95, 0.5])
+    balanced = balance_classes(manifest, num_classes=3, per_class=2)
+    assert balanced[balanced["label"] == 0]["image_id"].tolist() == [1, 3]
+    assert balanced[balanced["label"] == 1]["image_id"].tolist() == [4, 5]
+    assert class_counts(balanced, 3) == [2, 2, 0]  # nothing to duplicate for class 2
+
+
+def test_balance_duplicates_rare_classes_most_confident_first() -> None:
+    manifest = manifest_of([0, 0, 1], [0.6, 0.9, 0.7])
+    balanced = balance_classes(manifest, num_classes=2, per_class=5)
+    assert balanced[balanced["label"] == 0]["image_id"].tolist() == [1, 0, 1, 0, 1]
+    assert balanced[balanced["label"] == 1]["image_id"].tolist() == [2] * 5
+    assert class_counts(manifest, 2) == [2, 1] and class_counts(balanced, 2) == [5, 5]

@@ -61,6 +61,9 @@ class PseudoLabelConfig(_Strict):
     mode: Literal["hard", "soft"] = Field("soft", description="one-hot or full distribution")
     temperature: float = Field(1.0, gt=0, description="softmax temperature for soft labels")
     threshold: float = Field(0.5, ge=0, le=1, description="min teacher confidence to keep")
+    balance: int | None = Field(
+        None, ge=1, description="pseudo-labels per class after balancing (null: no balancing)"
+    )
     batch_size: int = Field(512, ge=1)
 
 

@@ -25,7 +25,13 @@ from noisy_student.engine import (
 )
 from noisy_student.io import read_json, save_torch, write_csv, write_json, write_parquet
 from noisy_student.models import build_model, load_checkpoint, num_parameters, save_checkpoint
-from noisy_student.pseudo_label import one_hot, pseudo_label, targets_from_manifest
+from noisy_student.pseudo_label import (
+    balance_classes,
+    class_counts,
+    one_hot,
+    pseudo_label,
+    targets_from_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +194,20 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     )
     hidden = pool.set_index("image_id")["hidden_label"]
     correct = manifest["label"].to_numpy() == hidden.loc[manifest["image_id"]].to_numpy()
+    num_classes = len(data.classes)
     metrics = {
         "iteration": iteration,
         "pool_size": len(pool),
-        "num_pseudo_labeled": len(manifest),
+        "num_above_threshold": len(manifest),
         "kept_fraction": len(manifest) / max(1, len(pool)),
         "pseudo_label_accuracy": float(correct.mean()) if len(manifest) else 0.0,
         "mean_confidence": float(manifest["confidence"].mean()) if len(manifest) else 0.0,
+        "class_counts_before_balancing": class_counts(manifest, num_classes),
     }
+    if pc.balance is not None:
+        manifest = balance_classes(manifest, num_classes, pc.balance)
+    metrics["class_counts"] = class_counts(manifest, num_classes)
+    metrics["num_pseudo_labeled"] = len(manifest)
     out = layout.pseudo_dir(iteration)
     write_parquet(out / PSEUDO_LABELS, manifest)
     write_json(out / METRICS, metrics)

@@ -50,6 +50,29 @@ def pseudo_label(
     )
 
 
+def balance_classes(manifest: pd.DataFrame, num_classes: int, per_class: int) -> pd.DataFrame:
+    """Per-class balancing of the Noisy Student reference implementation: a class with more
+    than ``per_class`` pseudo-labels keeps its most confident ones; a class with fewer has
+    its images duplicated (whole copies, then its most confident ones) up to ``per_class``.
+    A class with none stays empty: there is nothing to duplicate."""
+    parts = []
+    for label in range(num_classes):
+        rows = manifest[manifest["label"] == label].sort_values(
+            ["confidence", "image_id"], ascending=[False, True], kind="stable"
+        )
+        if len(rows) == 0:
+            continue
+        copies, rest = divmod(per_class, len(rows))
+        parts.extend([rows] * copies + [rows.iloc[:rest]])
+    if not parts:
+        return manifest.iloc[:0]
+    return pd.concat(parts, ignore_index=True)
+
+
+def class_counts(manifest: pd.DataFrame, num_classes: int) -> list[int]:
+    return np.bincount(manifest["label"].to_numpy(dtype=np.int64), minlength=num_classes).tolist()
+
+
 def targets_from_manifest(manifest: pd.DataFrame, num_classes: int) -> torch.Tensor:
     """Probability targets: the stored distribution in soft mode, one-hot otherwise."""
     if len(manifest) == 0:

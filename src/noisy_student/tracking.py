@@ -192,6 +192,7 @@ def log_pipeline_run(
                         pseudo_label_mode=cfg.pseudo_label.mode,
                         pseudo_label_threshold=cfg.pseudo_label.threshold,
                         pseudo_label_temperature=cfg.pseudo_label.temperature,
+                        pseudo_label_balance=cfg.pseudo_label.balance,
                         teacher_iteration=cfg.iterations[i].teacher,
                     )
                     pseudo = read_json(layout.pseudo_dir(i) / METRICS)
