@@ -28,7 +28,7 @@ class FixedLogits(nn.Module):
 
 
 LOGITS = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 9.0], [1.0, 2.0, 0.0]])
-IMAGES = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+IMAGES = torch.zeros(14, 1, 2, 2, dtype=torch.uint8)  # rows 10-13 are labeled
 IDS = np.array([10, 11, 12, 13])
 
 

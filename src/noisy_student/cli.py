@@ -11,7 +11,7 @@ import pandas as pd
 
 from noisy_student import pipeline
 from noisy_student.config import ConfigError, load_config
-from noisy_student.data import fetch
+from noisy_student.data import fetch, source_options
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -88,7 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     layout = pipeline.RunLayout(Path(args.run_dir))
     if args.command == "data":
-        print(fetch(args.source or cfg.data.source, args.root or cfg.data.root))
+        source = args.source or cfg.data.source
+        options = {
+            key: value
+            for key in source_options(source)
+            if (value := getattr(cfg.data, key, None)) is not None
+        }
+        try:
+            print(fetch(source, args.root or cfg.data.root, **options))
+        except (OSError, RuntimeError, ValueError) as err:
+            print(f"noisy-student: data fetch {source}: {err}", file=sys.stderr)
+            return 2
     elif args.command == "validate":
         import yaml
 

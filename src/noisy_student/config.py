@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from noisy_student.data import SOURCES
+from noisy_student.models import ARCHS, parameter_count
+
 
 class ConfigError(ValueError):
     """Raised for an invalid ``params.yaml`` or override; the message lists every problem."""
@@ -25,11 +28,26 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["digits"] = Field("digits", description="dataset to read from `root`")
+    source: Literal[tuple(SOURCES)] = Field(  # type: ignore[valid-type]
+        "digits", description="dataset materialized under `root` by `noisy-student data fetch`"
+    )
     root: str = Field("data", description="directory holding the materialized dataset")
+    directory: str | None = Field(
+        None, description="where `data fetch` reads the source (default per source)"
+    )
+    cache: str | None = Field(None, description="download cache (fashion_mnist fallback)")
+    image_size: int = Field(32, ge=8, description="imagefolder: side images are resized to")
+    channels: Literal["RGB", "L"] = Field("RGB", description="imagefolder: colour or grey")
+    extra: bool = Field(True, description="svhn: add the `extra` split to the unlabeled pool")
+    unlabeled: bool = Field(True, description="stl10: add the 100k `unlabeled` split")
+    hflip: bool = Field(False, description="random horizontal flips (not for digits or text)")
     labeled_per_class: int = Field(10, ge=1, description="labeled images per class")
-    val_per_class: int = Field(20, ge=1, description="validation images per class")
-    test_per_class: int = Field(40, ge=1, description="test images per class")
+    val_per_class: int = Field(
+        20, ge=1, description="validation images per class (unless the source has a val split)"
+    )
+    test_per_class: int = Field(
+        40, ge=1, description="test images per class (unless the source has a test split)"
+    )
 
 
 class TrainConfig(_Strict):
@@ -39,11 +57,37 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
 
 
-class TeacherConfig(_Strict):
-    width: float = Field(1.0, gt=0, description="channel multiplier of the model family")
-    depth: float = Field(1.0, gt=0, description="blocks-per-stage multiplier")
-    augment: Literal["none", "weak"] = Field("weak", description="teacher augmentation policy")
+class ModelSpec(_Strict):
+    """One model of the loop: its architecture, size, and where its weights start."""
+
+    arch: Literal[ARCHS] = Field(  # type: ignore[valid-type]
+        "small_resnet", description="model family or torchvision architecture"
+    )
+    width: float = Field(1.0, gt=0, description="channel multiplier (small_resnet)")
+    depth: float = Field(1.0, gt=0, description="blocks-per-stage multiplier (small_resnet)")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
+    pretrained: str | None = Field(
+        None,
+        description="initial weights: checkpoint path, MLflow model URI or torchvision:<WEIGHTS>",
+    )
+    transfer: Literal["scratch", "freeze", "finetune"] = Field(
+        "scratch", description="freeze: train the new head only; finetune: low-lr backbone"
+    )
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="backbone lr / head lr")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.transfer != "scratch" and self.pretrained is None:
+            raise ValueError(f"transfer: {self.transfer!r} needs `pretrained` weights")
+        if self.arch != "small_resnet" and (self.width, self.depth) != (1.0, 1.0):
+            raise ValueError(
+                f"width/depth: only small_resnet scales; {self.arch} needs width 1 and depth 1"
+            )
+        return self
+
+
+class TeacherConfig(ModelSpec):
+    augment: Literal["none", "weak"] = Field("weak", description="teacher augmentation policy")
 
 
 class NoiseConfig(_Strict):
@@ -55,6 +99,26 @@ class NoiseConfig(_Strict):
     stochastic_depth: float = Field(
         0.2, ge=0, lt=1, description="drop probability of the last residual block"
     )
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(a, a); 0: off")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(a, a); 0: off")
+    mix_prob: float = Field(0.5, ge=0, le=1, description="share of batches mixed")
+
+
+class StudentConfig(_Strict):
+    """How students learn from the labeled and pseudo-labeled images."""
+
+    unlabeled_ratio: float | None = Field(
+        None, gt=0, description="pseudo-labeled per labeled image in each batch (null: shuffle)"
+    )
+    distillation: Literal["off", "offline", "online"] = Field(
+        "off",
+        description="off: cross-entropy on all targets; offline: alpha-weighted CE + KD on "
+        "stored soft labels; online: KD on the teacher's logits for each clean batch",
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss")
+    finetune_epochs: int = Field(0, ge=0, description="final epochs on labeled images only")
+    finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune lr / train.lr")
+    allow_smaller: bool = Field(False, description="allow students smaller than their teacher")
 
 
 class PseudoLabelConfig(_Strict):
@@ -67,16 +131,26 @@ class PseudoLabelConfig(_Strict):
     batch_size: int = Field(512, ge=1)
 
 
-class IterationConfig(_Strict):
+class IterationConfig(ModelSpec):
     teacher: int = Field(ge=0, description="iteration whose model labels the pool (i - 1)")
-    width: float = Field(1.0, gt=0)
-    depth: float = Field(1.0, gt=0)
-    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
 
 
 class TrackingConfig(_Strict):
     experiment: str = "noisy-student"
     registered_model: str = "noisy-student"
+
+
+def _describe(spec: ModelSpec) -> str:
+    return f"{spec.arch}, width {spec.width:g}, depth {spec.depth:g}"
+
+
+def _smaller(student: ModelSpec, teacher: ModelSpec) -> bool:
+    """Same family: a smaller width or depth; across families: fewer parameters."""
+    if student.arch == teacher.arch:
+        return student.width < teacher.width or student.depth < teacher.depth
+    return parameter_count(student.arch, student.width, student.depth) < parameter_count(
+        teacher.arch, teacher.width, teacher.depth
+    )
 
 
 def _default_iterations() -> dict[int, IterationConfig]:
@@ -94,38 +168,42 @@ class Config(_Strict):
     teacher: TeacherConfig = TeacherConfig()
     noise: NoiseConfig = NoiseConfig()
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
+    student: StudentConfig = StudentConfig()
     iterations: dict[int, IterationConfig] = Field(default_factory=_default_iterations)
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _students_grow(self) -> Config:
+    def _check_loop(self) -> Config:
         keys = sorted(self.iterations)
         if keys != list(range(1, len(keys) + 1)):
             raise ValueError(f"iterations: keys must be 1..N in order, got {keys}")
-        previous = (self.teacher.width, self.teacher.depth)
         for key in keys:
-            it = self.iterations[key]
-            if it.teacher != key - 1:
+            spec, teacher = self.iterations[key], self.spec(key - 1)
+            if spec.teacher != key - 1:
                 raise ValueError(
                     f"iterations.{key}.teacher: must be {key - 1} (the previous iteration)"
-                    f", got {it.teacher}"
+                    f", got {spec.teacher}"
                 )
-            if it.width < previous[0] or it.depth < previous[1]:
+            if not self.student.allow_smaller and _smaller(spec, teacher):
                 raise ValueError(
                     f"iterations.{key}: a student must be equal to or larger than its teacher "
-                    f"(width >= {previous[0]}, depth >= {previous[1]}), "
-                    f"got width={it.width}, depth={it.depth}"
+                    f"({_describe(teacher)}), got {_describe(spec)}; set "
+                    "student.allow_smaller: true to distill into a smaller model"
                 )
-            previous = (it.width, it.depth)
+        mixing = self.noise.cutmix_alpha > 0 or self.noise.mixup_alpha > 0
+        if self.student.distillation == "online" and mixing:
+            raise ValueError(
+                "student.distillation: 'online' scores the clean batch, so it cannot be "
+                "combined with noise.cutmix_alpha or noise.mixup_alpha > 0"
+            )
         return self
 
-    def epochs_for(self, iteration: int) -> int:
-        own = self.teacher.epochs if iteration == 0 else self.iterations[iteration].epochs
-        return own or self.train.epochs
+    def spec(self, iteration: int) -> ModelSpec:
+        """The teacher's spec for iteration 0, student ``iteration``'s otherwise."""
+        return self.teacher if iteration == 0 else self.iterations[iteration]
 
-    def size_of(self, iteration: int) -> tuple[float, float]:
-        spec = self.teacher if iteration == 0 else self.iterations[iteration]
-        return spec.width, spec.depth
+    def epochs_for(self, iteration: int) -> int:
+        return self.spec(iteration).epochs or self.train.epochs
 
     def fingerprint(self) -> str:
         """Short hash of the resolved config, for lineage tags and run names."""
@@ -154,7 +232,8 @@ def _format(error: ValidationError, source: str) -> str:
             allowed = ", ".join(_allowed_keys(loc))
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
         elif err["type"] == "value_error":
-            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {message}" if loc else f"  {message}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -7,15 +7,16 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from noisy_student.augment import Augment
-from noisy_student.losses import soft_cross_entropy
+from noisy_student.losses import Loss, student_loss
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,36 @@ def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True).float().div_(255.0)
 
 
-def batches(
-    n: int, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
+# uint8 N x C x H x W images: a tensor, or a (memory-mapped) numpy array.
+Images = np.ndarray | torch.Tensor
+
+
+def gather(images: Images, ids: np.ndarray) -> torch.Tensor:
+    """Rows ``ids`` of ``images`` as a uint8 tensor (only those rows of a memory map)."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(ids)]
+    return torch.from_numpy(np.ascontiguousarray(images[ids]))
+
+
+@dataclass
+class TrainData:
+    """Training rows: ``ids`` index ``images``; probability ``targets`` (one-hot or soft)
+    and the ``pseudo`` mask (pseudo-labeled rows) follow the same order."""
+
+    images: Images
+    ids: np.ndarray
+    targets: torch.Tensor
+    pseudo: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not len(self.ids) == len(self.targets) == len(self.pseudo):
+            raise ValueError("ids, targets and pseudo must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        return gather(self.images, self.ids[index.numpy()])
 
 
 @dataclass
@@ -60,41 +86,92 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float
+    unlabeled_ratio: float | None = None
+
+
+def epoch_batches(
+    data: TrainData, settings: TrainSettings, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Index batches for one epoch. Without ``unlabeled_ratio``: a shuffle of all rows.
+    With it: every batch holds labeled and pseudo-labeled rows in that ratio (pseudo per
+    labeled), an epoch is one pass over the pseudo-labeled rows, labeled rows cycle."""
+    labeled = torch.nonzero(~data.pseudo).flatten()
+    pseudo = torch.nonzero(data.pseudo).flatten()
+    ratio = settings.unlabeled_ratio
+    if ratio is None or len(labeled) == 0 or len(pseudo) == 0:
+        return list(torch.randperm(len(data), generator=generator).split(settings.batch_size))
+    n_labeled = max(1, round(settings.batch_size / (1 + ratio)))
+    n_pseudo = max(1, settings.batch_size - n_labeled)
+    steps = math.ceil(len(pseudo) / n_pseudo)
+    pseudo_order = pseudo[torch.randperm(len(pseudo), generator=generator)]
+    cycles = math.ceil(steps * n_labeled / len(labeled))
+    labeled_order = torch.cat(
+        [labeled[torch.randperm(len(labeled), generator=generator)] for _ in range(cycles)]
+    )
+    return [
+        torch.cat(
+            [
+                labeled_order[i * n_labeled : (i + 1) * n_labeled],
+                pseudo_order[i * n_pseudo : (i + 1) * n_pseudo],
+            ]
+        )
+        for i in range(steps)
+    ]
 
 
 def train_model(
     model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+    data: TrainData,
     settings: TrainSettings,
     augment: Augment,
     device: torch.device,
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[Images, np.ndarray, torch.Tensor] | None = None,
+    loss_fn: Loss | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    teacher: nn.Module | None = None,
+    on_train_mode: Callable[[nn.Module], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train on uint8 ``images`` with probability ``targets`` (one-hot or soft) using SGD
-    with Nesterov momentum and a per-step cosine schedule; return per-epoch history."""
+    """Train on ``data`` with SGD (Nesterov momentum) and a per-step cosine schedule;
+    return the per-epoch history.
+
+    Each batch goes to ``device`` as uint8 and is augmented there. ``loss_fn`` defaults
+    to cross-entropy with every row's target. ``teacher`` (online
+    distillation) sees the clean batch in eval mode; its logits reach ``loss_fn``.
+    ``param_groups`` sets per-group learning rates (transfer learning); ``on_train_mode``
+    runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
+    """
+    loss_fn = loss_fn or student_loss("off")
     model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
     optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=settings.weight_decay,
+        groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
     )
-    steps = settings.epochs * math.ceil(len(images) / settings.batch_size)
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    plan = [epoch_batches(data, settings, generator) for _ in range(settings.epochs)]
+    steps = sum(map(len, plan))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
     )
-    generator = torch.Generator().manual_seed(torch.initial_seed())
     history = []
-    for epoch in range(1, settings.epochs + 1):
+    for epoch, epoch_plan in enumerate(plan, start=1):
         model.train()
+        if on_train_mode is not None:
+            on_train_mode(model)
         start, total_loss, seen = time.perf_counter(), 0.0, 0
-        for index in batches(len(images), settings.batch_size, generator):
-            x = to_float(augment(images[index]), device)
-            y = targets[index].to(device, non_blocking=True)
+        for index in epoch_plan:
+            images = data.batch(index).to(device, non_blocking=True)
+            targets = data.targets[index].to(device, non_blocking=True)
+            pseudo = data.pseudo[index].to(device, non_blocking=True)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), _autocast(device):
+                    teacher_logits = teacher(to_float(images, device)).float()
+            inputs, targets = augment(images, targets)
             with _autocast(device):
-                loss = soft_cross_entropy(model(x), y)
+                logits = model(inputs)
+            loss = loss_fn(logits.float(), targets, pseudo, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,12 +180,13 @@ def train_model(
             seen += len(index)
         record = {
             "epoch": epoch,
-            "train_loss": total_loss / seen,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / max(1, seen),
+            "lr": optimizer.param_groups[-1]["lr"],
             "epoch_seconds": time.perf_counter() - start,
         }
         if val is not None:
-            record["val_accuracy"] = accuracy(predict_proba(model, val[0], device), val[1])
+            images, ids, labels = val
+            record["val_accuracy"] = accuracy(predict_proba(model, images, device, ids=ids), labels)
         history.append(record)
         log.info(
             "epoch %d/%d  loss %.4f  val_acc %s",
@@ -122,19 +200,31 @@ def train_model(
 
 @torch.inference_mode()
 def predict_logits_batches(
-    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    images: Images,
+    device: torch.device,
+    batch_size: int = 512,
+    ids: np.ndarray | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Stream logits batch by batch, the model in eval mode (no dropout, no drop-path)."""
+    """Stream logits for rows ``ids`` of ``images`` (all rows by default), batch by batch,
+    the model in eval mode (no dropout, no drop-path); a memory-mapped pool is read one
+    batch at a time."""
     model.to(device).eval()
-    for index in batches(len(images), batch_size):
+    ids = np.arange(len(images)) if ids is None else np.asarray(ids)
+    for start in range(0, len(ids), batch_size):
+        batch = gather(images, ids[start : start + batch_size])
         with _autocast(device):
-            yield model(to_float(images[index], device)).float().cpu()
+            yield model(to_float(batch, device)).float().cpu()
 
 
 def predict_proba(
-    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    images: Images,
+    device: torch.device,
+    batch_size: int = 512,
+    ids: np.ndarray | None = None,
 ) -> torch.Tensor:
-    parts = list(predict_logits_batches(model, images, device, batch_size))
+    parts = list(predict_logits_batches(model, images, device, batch_size, ids))
     return torch.cat(parts).softmax(dim=-1)
 
 

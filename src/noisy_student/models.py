@@ -1,12 +1,18 @@
-"""A small-image ResNet family scaled by width and depth, with the student's noise
-(dropout before the classifier, stochastic depth on residual branches) built in."""
+"""Models by name: a small-image ResNet family scaled by width and depth, and torchvision's
+ResNets and EfficientNets, all with the student's noise (dropout before the classifier,
+stochastic depth on residual branches) built in and a ``config`` dict that rebuilds them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 from torchvision.ops import StochasticDepth
 
 BASE_CHANNELS = (16, 32, 64)
@@ -39,7 +45,10 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """Three stages of basic blocks; ``width`` scales channels, ``depth`` blocks per stage.
 
-    ``config`` holds the constructor arguments so a checkpoint can rebuild the model.
+    The stem keeps full resolution (3x3 stride-1 conv, no pooling) because the inputs are
+    tiny; ``small_input=False`` downsamples by 4 first (7x7 stride-2 conv and max-pool), as
+    ImageNet ResNets do, for larger images. ``config`` holds the constructor arguments so a
+    checkpoint can rebuild the model.
     """
 
     def __init__(
@@ -50,24 +59,30 @@ class SmallResNet(nn.Module):
         depth: float = 1.0,
         dropout: float = 0.0,
         stochastic_depth: float = 0.0,
+        small_input: bool = True,
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = dict(
+            arch="small_resnet",
             num_classes=num_classes,
             in_channels=in_channels,
             width=width,
             depth=depth,
             dropout=dropout,
             stochastic_depth=stochastic_depth,
+            small_input=small_input,
         )
         channels = [max(8, round(c * width)) for c in BASE_CHANNELS]
         blocks = max(1, round(BASE_BLOCKS * depth))
         total = blocks * len(channels)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(channels[0]),
-            nn.ReLU(inplace=True),
-        )
+        if small_input:
+            stem_conv = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False)
+        else:
+            stem_conv = nn.Conv2d(in_channels, channels[0], 7, 2, 3, bias=False)
+        stem: list[nn.Module] = [stem_conv, nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)]
+        if not small_input:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(*stem)
         layers, c_in, index = [], channels[0], 0
         for stage, c_out in enumerate(channels):
             for b in range(blocks):
@@ -85,25 +100,210 @@ class SmallResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def build_model(**config: Any) -> SmallResNet:
-    return SmallResNet(**config)
+class _DropPathBasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock with stochastic depth on its residual branch; the module
+    names (and so the state-dict keys) are torchvision's, so its weights load by name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop_path = StochasticDepth(0.0, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(self.drop_path(out) + identity)
+
+
+class _DropPathBottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with stochastic depth on its residual branch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop_path = StochasticDepth(0.0, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(self.drop_path(out) + identity)
+
+
+# block, blocks per stage, width per group: the layouts of torchvision's builders.
+_RESNET_LAYOUTS: dict[
+    str, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int], int]
+] = {
+    "resnet18": (_DropPathBasicBlock, [2, 2, 2, 2], 64),
+    "resnet34": (_DropPathBasicBlock, [3, 4, 6, 3], 64),
+    "resnet50": (_DropPathBottleneck, [3, 4, 6, 3], 64),
+    "wide_resnet50_2": (_DropPathBottleneck, [3, 4, 6, 3], 128),
+}
+
+
+def _new_conv(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Conv2d:
+    """A bias-free conv with torchvision's initialisation for the stems it replaces."""
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _refuse_scaling(arch: str, width: float, depth: float) -> None:
+    """torchvision archs have fixed sizes: a student that silently kept the teacher's size
+    would make a "bigger student" experiment meaningless, so say so instead."""
+    if width != 1.0 or depth != 1.0:
+        raise ValueError(
+            f"{arch}: width/depth multipliers apply to 'small_resnet' only "
+            f"(got width={width}, depth={depth}); pick a bigger arch instead"
+        )
+
+
+def _build_resnet(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    stochastic_depth: float = 0.0,
+    small_input: bool = False,
+    width: float = 1.0,
+    depth: float = 1.0,
+) -> nn.Module:
+    _refuse_scaling(arch, width, depth)
+    block, layers, width_per_group = _RESNET_LAYOUTS[arch]
+    model = tv_resnet.ResNet(
+        block, layers, num_classes=num_classes, width_per_group=width_per_group
+    )
+    if small_input:
+        model.conv1 = _new_conv(in_channels, 64, 3, 1)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = _new_conv(in_channels, 64, 7, 2)
+    # Dropout joins the parameter-free pooling so that the state-dict keys stay torchvision's.
+    model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout))
+    blocks = [m for m in model.modules() if isinstance(m, block)]
+    for index, b in enumerate(blocks):
+        # Linear decay rule, as in SmallResNet: deeper blocks are dropped more often.
+        b.drop_path.p = stochastic_depth * (index + 1) / len(blocks)
+    model.config = dict(
+        arch=arch,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        dropout=dropout,
+        stochastic_depth=stochastic_depth,
+        small_input=small_input,
+    )
+    return model
+
+
+def _build_efficientnet(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    stochastic_depth: float = 0.0,
+    small_input: bool = False,
+    width: float = 1.0,
+    depth: float = 1.0,
+) -> nn.Module:
+    _refuse_scaling(arch, width, depth)
+    # EfficientNet decays stochastic_depth_prob linearly over its blocks by itself.
+    model = torchvision.models.get_model(
+        arch,
+        weights=None,
+        num_classes=num_classes,
+        dropout=dropout,
+        stochastic_depth_prob=stochastic_depth,
+    )
+    if small_input or in_channels != 3:
+        stem = model.features[0][0]
+        model.features[0][0] = _new_conv(in_channels, stem.out_channels, 3, 1 if small_input else 2)
+    model.config = dict(
+        arch=arch,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        dropout=dropout,
+        stochastic_depth=stochastic_depth,
+        small_input=small_input,
+    )
+    return model
+
+
+@dataclass(frozen=True)
+class _Arch:
+    build: Callable[..., nn.Module]
+    head: str  # module path of the final Linear
+
+
+_REGISTRY: dict[str, _Arch] = {
+    "small_resnet": _Arch(SmallResNet, "head.3"),
+    **{name: _Arch(partial(_build_resnet, name), "fc") for name in _RESNET_LAYOUTS},
+    **{
+        f"efficientnet_b{i}": _Arch(
+            partial(_build_efficientnet, f"efficientnet_b{i}"), "classifier.1"
+        )
+        for i in range(5)
+    },
+}
+ARCHS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _arch(name: str) -> _Arch:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(ARCHS)}")
+    return _REGISTRY[name]
+
+
+def build_model(arch: str = "small_resnet", **kwargs: Any) -> nn.Module:
+    """Build ``arch`` with ``num_classes``, ``in_channels``, ``dropout``,
+    ``stochastic_depth`` and ``small_input`` (``width``/``depth`` for small_resnet);
+    the model's ``config`` holds these, arch included, for :func:`load_checkpoint`.
+
+    Defaults follow each family's purpose: small_resnet is for tiny grey images
+    (``in_channels=1``, ``small_input=True``), torchvision archs match their ImageNet
+    weights (``in_channels=3``, ``small_input=False``); pass ``small_input=True`` for
+    images of 64 px or less, so that the stem does not throw away most of the resolution."""
+    return _arch(arch).build(**kwargs)
+
+
+def head_name(model: nn.Module) -> str:
+    """Module path of the classifier head (the final Linear) of a model built here."""
+    return _arch(model.config["arch"]).head
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The classifier head: what is replaced when the number of classes changes."""
+    return model.get_submodule(head_name(model))
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter outside the head: what is frozen or fine-tuned at a lower rate."""
+    in_head = {id(p) for p in head(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in in_head]
 
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_checkpoint(model: SmallResNet) -> dict[str, Any]:
+def save_checkpoint(model: nn.Module) -> dict[str, Any]:
     """A checkpoint of plain tensors and numbers, loadable with ``weights_only=True``."""
     return {"config": dict(model.config), "state_dict": model.state_dict()}
 
 
 def load_checkpoint(
     path: str, map_location: str | torch.device = "cpu", **noise: float
-) -> SmallResNet:
+) -> nn.Module:
     """Rebuild a model from :func:`save_checkpoint`; ``noise`` may reset dropout and
-    stochastic depth (they have no weights)."""
+    stochastic depth (they have no weights). Checkpoints without an arch are small_resnet."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     model = build_model(**{**ckpt["config"], **noise})
     model.load_state_dict(ckpt["state_dict"])
     return model
+
+
+def parameter_count(arch: str, width: float = 1.0, depth: float = 1.0) -> int:
+    """Parameters of ``arch`` at a given size (10 classes, 3 channels), counted on the meta
+    device so that comparing model sizes costs no memory or initialization time."""
+    size = {"width": width, "depth": depth} if arch == "small_resnet" else {}
+    with torch.device("meta"):
+        return num_parameters(build_model(arch, num_classes=10, in_channels=3, **size))

@@ -9,13 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from noisy_student.augment import build_augment
-from noisy_student.config import Config
-from noisy_student.data import load_images, make_splits
+from noisy_student.config import Config, ModelSpec
+from noisy_student.data import ImageSet, load_images, make_splits
 from noisy_student.engine import (
+    TrainData,
     TrainSettings,
     accuracy,
     predict_proba,
@@ -24,6 +27,7 @@ from noisy_student.engine import (
     train_model,
 )
 from noisy_student.io import read_json, save_torch, write_csv, write_json, write_parquet
+from noisy_student.losses import student_loss
 from noisy_student.models import build_model, load_checkpoint, num_parameters, save_checkpoint
 from noisy_student.pseudo_label import (
     balance_classes,
@@ -32,6 +36,7 @@ from noisy_student.pseudo_label import (
     pseudo_label,
     targets_from_manifest,
 )
+from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +72,11 @@ class RunLayout:
         return self.root / "report"
 
 
-def model_name(iteration: int, width: float, depth: float) -> str:
+def model_name(iteration: int, spec: ModelSpec) -> str:
     role = "teacher" if iteration == 0 else f"student-{iteration}"
-    return f"{role} (width x{width:g}, depth x{depth:g})"
+    if spec.arch != "small_resnet":
+        return f"{role} ({spec.arch})"
+    return f"{role} (width x{spec.width:g}, depth x{spec.depth:g})"
 
 
 def prepare(cfg: Config, layout: RunLayout) -> Path:
@@ -81,11 +88,20 @@ def prepare(cfg: Config, layout: RunLayout) -> Path:
         cfg.data.val_per_class,
         cfg.data.test_per_class,
         cfg.seed,
+        partition=data.partition,
+        hidden_labels=data.hidden_labels,
     )
     for name, frame in frames.items():
         write_parquet(layout.splits / f"{name}.parquet", frame)
     counts = {name: len(frame) for name, frame in frames.items()}
-    write_json(layout.splits / METRICS, {"classes": data.classes, **counts})
+    write_json(
+        layout.splits / METRICS,
+        {"classes": data.classes, "skipped_files": len(data.skipped), **counts},
+    )
+    if data.skipped:
+        log.warning(
+            "%d unreadable files were skipped; see the source's skipped.json", len(data.skipped)
+        )
     log.info("prepared splits %s", counts)
     return layout.splits
 
@@ -99,108 +115,164 @@ def _column(frame: pd.DataFrame, name: str) -> torch.Tensor:
     return torch.tensor(frame[name].to_numpy())
 
 
+def _build(cfg: Config, iteration: int, data: ImageSet, noised: bool) -> nn.Module:
+    """The model of ``iteration``, from its pretrained weights when it names some."""
+    spec = cfg.spec(iteration)
+    noise = cfg.noise if noised else None
+    size = {"width": spec.width, "depth": spec.depth} if spec.arch == "small_resnet" else {}
+    model = build_model(
+        spec.arch,
+        num_classes=len(data.classes),
+        in_channels=data.images.shape[1],
+        small_input=data.images.shape[-1] <= 64,
+        dropout=noise.dropout if noise else 0.0,
+        stochastic_depth=noise.stochastic_depth if noise else 0.0,
+        **size,
+    )
+    if spec.pretrained is not None:
+        log.info("initial weights: %s", load_pretrained(model, spec.pretrained))
+    return model
+
+
+def _evaluate(model: nn.Module, data: ImageSet, split: pd.DataFrame, device: torch.device) -> float:
+    ids = split["image_id"].to_numpy()
+    return accuracy(predict_proba(model, data.images, device, ids=ids), _column(split, "label"))
+
+
 def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     """Train the teacher (iteration 0: labeled data, no noise) or student ``iteration``
-    (labeled + pseudo-labeled data, RandAugment + dropout + stochastic depth)."""
+    (labeled + pseudo-labeled data, RandAugment + dropout + stochastic depth, optionally
+    CutMix/MixUp, distillation and a final fine-tune on the labeled data)."""
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
     data = load_images(cfg.data.source, cfg.data.root)
-    images = torch.from_numpy(data.images)
     num_classes = len(data.classes)
     labeled = _split(layout, "labeled")
-    ids = _column(labeled, "image_id")
-    targets = one_hot(labeled["label"].to_numpy(), num_classes)
-    width, depth = cfg.size_of(iteration)
-    n_pseudo = 0
-    if iteration == 0:
-        noise = {"dropout": 0.0, "stochastic_depth": 0.0}
-        augment = build_augment(cfg.teacher.augment)
-    else:
+    labeled_data = TrainData(
+        data.images,
+        labeled["image_id"].to_numpy(),
+        one_hot(labeled["label"].to_numpy(), num_classes),
+        torch.zeros(len(labeled), dtype=torch.bool),
+    )
+    spec, student, n_pseudo = cfg.spec(iteration), iteration > 0, 0
+    model = _build(cfg, iteration, data, noised=student)
+    teacher, loss_fn, ratio = None, None, None
+    if student:
         pseudo = pd.read_parquet(layout.pseudo_dir(iteration) / PSEUDO_LABELS)
         n_pseudo = len(pseudo)
-        ids = torch.cat([ids, _column(pseudo, "image_id")])
-        targets = torch.cat([targets, targets_from_manifest(pseudo, num_classes)])
-        noise = {"dropout": cfg.noise.dropout, "stochastic_depth": cfg.noise.stochastic_depth}
-        augment = build_augment(
-            "strong", cfg.noise.randaugment_ops, cfg.noise.randaugment_magnitude
+        train_data = TrainData(
+            data.images,
+            np.concatenate([labeled_data.ids, pseudo["image_id"].to_numpy()]),
+            torch.cat([labeled_data.targets, targets_from_manifest(pseudo, num_classes)]),
+            torch.cat([labeled_data.pseudo, torch.ones(n_pseudo, dtype=torch.bool)]),
         )
-    model = build_model(
-        num_classes=num_classes, in_channels=data.images.shape[1], width=width, depth=depth, **noise
-    )
+        noise = cfg.noise
+        augment = build_augment(
+            "strong",
+            randaugment_ops=noise.randaugment_ops,
+            randaugment_magnitude=noise.randaugment_magnitude,
+            cutmix_alpha=noise.cutmix_alpha,
+            mixup_alpha=noise.mixup_alpha,
+            mix_prob=noise.mix_prob,
+            hflip=cfg.data.hflip,
+        )
+        sc = cfg.student
+        loss_fn = student_loss(sc.distillation, sc.alpha, cfg.pseudo_label.temperature)
+        ratio = sc.unlabeled_ratio
+        if sc.distillation == "online":
+            teacher = load_checkpoint(
+                str(layout.model_dir(iteration - 1) / MODEL), dropout=0.0, stochastic_depth=0.0
+            )
+    else:
+        train_data = labeled_data
+        augment = build_augment(cfg.teacher.augment, hflip=cfg.data.hflip)
     val = _split(layout, "val")
-    val_set = (images[_column(val, "image_id")], _column(val, "label"))
+    val_set = (data.images, val["image_id"].to_numpy(), _column(val, "label"))
+    tc = cfg.train
     settings = TrainSettings(
-        cfg.epochs_for(iteration), cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay
+        cfg.epochs_for(iteration), tc.batch_size, tc.lr, tc.weight_decay, ratio
     )
-    log.info(
-        "training %s on %d images (%d pseudo-labeled)",
-        model_name(iteration, width, depth),
-        len(ids),
-        n_pseudo,
-    )
+    name = model_name(iteration, spec)
+    log.info("training %s on %d images (%d pseudo-labeled)", name, len(train_data), n_pseudo)
     start = time.perf_counter()
-    history = train_model(model, images[ids], targets, settings, augment, device, val=val_set)
+    history = train_model(
+        model,
+        train_data,
+        settings,
+        augment,
+        device,
+        val=val_set,
+        loss_fn=loss_fn,
+        param_groups=optimizer_param_groups(model, spec.transfer, tc.lr, spec.backbone_lr_scale),
+        teacher=teacher,
+        on_train_mode=apply_freeze if spec.transfer == "freeze" else None,
+    )
+    if student and cfg.student.finetune_epochs:
+        log.info("fine-tuning %s on the labeled images", name)
+        finetune = TrainSettings(
+            cfg.student.finetune_epochs,
+            tc.batch_size,
+            tc.lr * cfg.student.finetune_lr_scale,
+            tc.weight_decay,
+        )
+        weak = build_augment("weak", hflip=cfg.data.hflip)
+        more = train_model(model, labeled_data, finetune, weak, device, val=val_set)
+        history += [{**h, "epoch": h["epoch"] + len(history)} for h in more]
     seconds = time.perf_counter() - start
-    test = _split(layout, "test")
     metrics = {
         "iteration": iteration,
-        "model": model_name(iteration, width, depth),
-        "width": width,
-        "depth": depth,
+        "model": name,
+        "arch": spec.arch,
+        "width": spec.width,
+        "depth": spec.depth,
         "num_parameters": num_parameters(model),
         "num_labeled": len(labeled),
         "num_pseudo_labeled": n_pseudo,
-        "val_accuracy": accuracy(predict_proba(model, val_set[0], device), val_set[1]),
-        "test_accuracy": accuracy(
-            predict_proba(model, images[_column(test, "image_id")], device),
-            _column(test, "label"),
-        ),
+        "val_accuracy": _evaluate(model, data, val, device),
+        "test_accuracy": _evaluate(model, data, _split(layout, "test"), device),
         "train_seconds": round(seconds, 3),
     }
     out = layout.model_dir(iteration)
     save_torch(out / MODEL, save_checkpoint(model.cpu()))
     write_csv(out / HISTORY, pd.DataFrame(history))
     write_json(out / METRICS, metrics)
-    log.info(
-        "%s: val %.4f test %.4f",
-        metrics["model"],
-        metrics["val_accuracy"],
-        metrics["test_accuracy"],
-    )
+    log.info("%s: val %.4f test %.4f", name, metrics["val_accuracy"], metrics["test_accuracy"])
     return out
 
 
 def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     """The model of ``iteration - 1``, un-noised, labels the unlabeled pool for student
-    ``iteration``; the pool's hidden labels only score the result."""
+    ``iteration``; the pool's hidden labels, where known, only score the result."""
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
     data = load_images(cfg.data.source, cfg.data.root)
     pool = _split(layout, "unlabeled")
+    if pool.empty:
+        raise ValueError("the unlabeled pool is empty: nothing to pseudo-label")
     teacher = load_checkpoint(
         str(layout.model_dir(iteration - 1) / MODEL), dropout=0.0, stochastic_depth=0.0
     )
-    ids = pool["image_id"].to_numpy()
     pc = cfg.pseudo_label
     manifest = pseudo_label(
         teacher,
-        torch.from_numpy(data.images[ids]),
-        ids,
+        data.images,
+        pool["image_id"].to_numpy(),
         device,
         mode=pc.mode,
         temperature=pc.temperature,
         threshold=pc.threshold,
         batch_size=pc.batch_size,
     )
-    hidden = pool.set_index("image_id")["hidden_label"]
-    correct = manifest["label"].to_numpy() == hidden.loc[manifest["image_id"]].to_numpy()
+    hidden = pool.set_index("image_id")["hidden_label"].loc[manifest["image_id"]].to_numpy()
+    scored = hidden >= 0
+    correct = manifest["label"].to_numpy()[scored] == hidden[scored]
     num_classes = len(data.classes)
     metrics = {
         "iteration": iteration,
         "pool_size": len(pool),
         "num_above_threshold": len(manifest),
-        "kept_fraction": len(manifest) / max(1, len(pool)),
-        "pseudo_label_accuracy": float(correct.mean()) if len(manifest) else 0.0,
+        "kept_fraction": len(manifest) / len(pool),
+        "pseudo_label_accuracy": float(correct.mean()) if scored.any() else None,
         "mean_confidence": float(manifest["confidence"].mean()) if len(manifest) else 0.0,
         "class_counts_before_balancing": class_counts(manifest, num_classes),
     }
@@ -212,7 +284,7 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     write_parquet(out / PSEUDO_LABELS, manifest)
     write_json(out / METRICS, metrics)
     log.info(
-        "pseudo-labels for student %d: kept %d/%d, accuracy %.4f",
+        "pseudo-labels for student %d: kept %d/%d, accuracy %s",
         iteration,
         len(manifest),
         len(pool),

@@ -7,12 +7,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from noisy_student.engine import predict_logits_batches
+from noisy_student.engine import Images, predict_logits_batches
 
 
 def pseudo_label(
     model: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     image_ids: np.ndarray,
     device: torch.device,
     mode: str = "soft",
@@ -20,14 +20,15 @@ def pseudo_label(
     threshold: float = 0.0,
     batch_size: int = 512,
 ) -> pd.DataFrame:
-    """Label every image; keep those whose confidence (max probability at ``temperature``)
-    reaches ``threshold``. Columns: ``image_id``, ``label``, ``confidence`` and, in soft
-    mode, ``probs`` (the full distribution, summing to 1)."""
+    """Label rows ``image_ids`` of ``images``, streaming batch by batch; keep those whose
+    confidence (max probability at ``temperature``) reaches ``threshold``. Columns:
+    ``image_id``, ``label``, ``confidence`` and, in soft mode, ``probs`` (the full
+    distribution, summing to 1)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
     kept = []
     start = 0
-    for logits in predict_logits_batches(model, images, device, batch_size):
+    for logits in predict_logits_batches(model, images, device, batch_size, image_ids):
         probs = (logits / temperature).softmax(dim=-1)
         confidence, label = probs.max(dim=-1)
         keep = (confidence >= threshold).numpy()

@@ -167,9 +167,13 @@ def log_pipeline_run(
             with mlflow.start_run(
                 run_name=row["model"], nested=True, tags={**tags, "iteration": str(i)}
             ):
+                spec = cfg.spec(i)
                 params: dict[str, Any] = {
                     "iteration": i,
                     "role": "teacher" if i == 0 else "student",
+                    "arch": spec.arch,
+                    "pretrained": spec.pretrained,
+                    "transfer": spec.transfer,
                     "width": metrics["width"],
                     "depth": metrics["depth"],
                     "num_parameters": metrics["num_parameters"],
@@ -193,16 +197,22 @@ def log_pipeline_run(
                         pseudo_label_threshold=cfg.pseudo_label.threshold,
                         pseudo_label_temperature=cfg.pseudo_label.temperature,
                         pseudo_label_balance=cfg.pseudo_label.balance,
+                        cutmix_alpha=cfg.noise.cutmix_alpha,
+                        mixup_alpha=cfg.noise.mixup_alpha,
+                        unlabeled_ratio=cfg.student.unlabeled_ratio,
+                        distillation=cfg.student.distillation,
+                        distillation_alpha=cfg.student.alpha,
+                        finetune_epochs=cfg.student.finetune_epochs,
                         teacher_iteration=cfg.iterations[i].teacher,
                     )
                     pseudo = read_json(layout.pseudo_dir(i) / METRICS)
-                    final.update(
-                        pseudo_label_accuracy=pseudo["pseudo_label_accuracy"],
-                        pseudo_label_mean_confidence=pseudo["mean_confidence"],
-                    )
+                    final["pseudo_label_mean_confidence"] = pseudo["mean_confidence"]
+                    if pseudo["pseudo_label_accuracy"] is not None:  # None: no hidden labels
+                        final["pseudo_label_accuracy"] = pseudo["pseudo_label_accuracy"]
                 mlflow.log_params(params)
-                _log_history(pd.read_csv(layout.model_dir(i) / HISTORY))
-                mlflow.log_metrics(final, step=cfg.epochs_for(i))
+                history = pd.read_csv(layout.model_dir(i) / HISTORY)
+                _log_history(history)
+                mlflow.log_metrics(final, step=int(history["epoch"].iloc[-1]))
                 _log_model(layout.model_dir(i) / MODEL, cfg.tracking.registered_model, image_shape)
         log.info("MLflow: parent run %s in %s", parent.info.run_id, tracking_uri())
         return parent.info.run_id

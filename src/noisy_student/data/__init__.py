@@ -1,6 +1,17 @@
-"""Datasets (sources), their on-disk formats and the seeded splits."""
+"""Datasets (sources), their one on-disk layout and the seeded splits."""
 
-from noisy_student.data.sources import ImageSet, fetch, load_images
+from noisy_student.data.layout import PARTITIONS, Batch, ImageSet
+from noisy_student.data.sources import SOURCES, fetch, load_images, source_options
 from noisy_student.data.splits import SPLITS, make_splits
 
-__all__ = ["SPLITS", "ImageSet", "fetch", "load_images", "make_splits"]
+__all__ = [
+    "PARTITIONS",
+    "SOURCES",
+    "SPLITS",
+    "Batch",
+    "ImageSet",
+    "fetch",
+    "load_images",
+    "make_splits",
+    "source_options",
+]
