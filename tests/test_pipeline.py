@@ -4,8 +4,9 @@ import hashlib
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from noisy_student.config import Config
+from noisy_student.config import Config, load_config
 from noisy_student.io import read_json
 from noisy_student.models import load_checkpoint, num_parameters
 from noisy_student.pipeline import (
@@ -17,6 +18,7 @@ from noisy_student.pipeline import (
     run_all,
     train,
 )
+from tests.conftest import TINY
 
 
 def md5(path: Path) -> str:
@@ -67,3 +69,61 @@ def test_label_pool_balances_classes(tiny_config: Config, tmp_path: Path) -> Non
     assert after == [30 if n else 0 for n in before]
     manifest = pd.read_parquet(layout.pseudo_dir(1) / PSEUDO_LABELS)
     assert len(manifest) == stats["num_pseudo_labeled"] == sum(after)
+
+
+def test_student_with_online_distillation_ratio_and_finetune(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        None,
+        {
+            **TINY,
+            "data.root": tiny_config.data.root,
+            "device": "cpu",
+            "student.distillation": "online",
+            "student.unlabeled_ratio": 2.0,
+            "student.finetune_epochs": 1,
+            "noise.randaugment_magnitude": 9,
+        },
+        max_iterations=1,
+    )
+    layout = RunLayout(tmp_path)
+    prepare(cfg, layout)
+    train(cfg, layout, 0)
+    label_pool(cfg, layout, 1)
+    train(cfg, layout, 1)
+    history = pd.read_csv(layout.model_dir(1) / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]  # 2 epochs + 1 fine-tune epoch
+    assert history["lr"].iloc[-1] == 0.0
+    metrics = read_json(layout.model_dir(1) / "metrics.json")
+    assert 0 <= metrics["test_accuracy"] <= 1
+
+
+def test_frozen_transfer_keeps_the_backbone_bit_identical(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    source = RunLayout(tmp_path / "source")
+    prepare(tiny_config, source)
+    train(tiny_config, source, 0)
+    pretrained = str(source.model_dir(0) / MODEL)
+    cfg = load_config(
+        None,
+        {
+            **TINY,
+            "data.root": tiny_config.data.root,
+            "device": "cpu",
+            "teacher.pretrained": pretrained,
+            "teacher.transfer": "freeze",
+            "teacher.epochs": 2,
+        },
+    )
+    layout = RunLayout(tmp_path / "frozen")
+    prepare(cfg, layout)
+    train(cfg, layout, 0)
+    before = torch.load(pretrained, weights_only=True)["state_dict"]
+    after = torch.load(layout.model_dir(0) / MODEL, weights_only=True)["state_dict"]
+    head = [k for k in before if k.startswith("head.")]
+    assert head and any(not torch.equal(before[k], after[k]) for k in head)
+    for key in before:
+        if key not in head:
+            assert torch.equal(before[key], after[key]), key

@@ -1,0 +1,74 @@
+"""The `noisy-student` command on a user's own ImageFolder tree, corrupt file included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from noisy_student.config import load_config
+from noisy_student.io import read_json
+
+
+def make_tree(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    counts = {"labeled": 8, "val": 2, "test": 2}
+    for split, n in counts.items():
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                path = root / split / cls / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    for i in range(10):
+        path = root / "unlabeled" / f"batch{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    (root / "unlabeled" / "broken.jpg").write_bytes(b"not an image")
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "noisy_student.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_imagefolder_fetch_and_prepare_skip_and_report_corrupt_files(tmp_path: Path) -> None:
+    make_tree(tmp_path / "photos")
+    cfg = load_config(
+        None,
+        {
+            "data.source": "imagefolder",
+            "data.directory": str(tmp_path / "photos"),
+            "data.image_size": 16,
+            "data.labeled_per_class": 5,
+        },
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    fetched = cli("data", "fetch", cwd=tmp_path)
+    assert fetched.returncode == 0, fetched.stderr
+    prepared = cli("prepare", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    stats = read_json(tmp_path / "artifacts" / "splits" / "metrics.json")
+    assert stats["classes"] == ["cat", "dog"]
+    assert stats["skipped_files"] == 1
+    assert (stats["labeled"], stats["val"], stats["test"]) == (10, 4, 4)
+    assert stats["unlabeled"] == 10 + 2 * 3  # the pool plus labeled images beyond the budget
+    skipped = read_json(tmp_path / "data" / "imagefolder" / "skipped.json")
+    assert "broken.jpg" in str(skipped)
+
+
+def test_fetch_of_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = load_config(
+        None, {"data.source": "imagefolder", "data.directory": str(tmp_path / "nowhere")}
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = cli("data", "fetch", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr

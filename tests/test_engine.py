@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noisy_student.engine import TrainData, TrainSettings, epoch_batches
+from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
+
+
+def data(n_labeled: int, n_pseudo: int) -> TrainData:
+    n = n_labeled + n_pseudo
+    return TrainData(
+        torch.zeros(n, 1, 2, 2, dtype=torch.uint8),
+        np.arange(n),
+        torch.full((n, 3), 1 / 3),
+        torch.arange(n) >= n_labeled,
+    )
+
+
+def test_batches_without_ratio_are_a_permutation() -> None:
+    rows = data(5, 12)
+    plan = epoch_batches(rows, TrainSettings(1, 4, 0.1, 0.0), torch.Generator().manual_seed(0))
+    assert [len(b) for b in plan] == [4, 4, 4, 4, 1]
+    assert sorted(torch.cat(plan).tolist()) == list(range(17))
+
+
+def test_ratio_batches_mix_labeled_and_pseudo_rows() -> None:
+    rows = data(5, 30)
+    settings = TrainSettings(1, 8, 0.1, 0.0, unlabeled_ratio=3.0)
+    plan = epoch_batches(rows, settings, torch.Generator().manual_seed(0))
+    pseudo_seen = torch.cat([b[rows.pseudo[b]] for b in plan])
+    assert sorted(pseudo_seen.tolist()) == list(range(5, 35))  # each pseudo row once
+    for batch in plan[:-1]:
+        assert int((~rows.pseudo[batch]).sum()) == 2 and int(rows.pseudo[batch].sum()) == 6
+    labeled_seen = torch.cat([b[~rows.pseudo[b]] for b in plan]).tolist()
+    assert len(labeled_seen) == 2 * len(plan) and set(labeled_seen) == set(range(5))
+
+
+LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.5, -0.5, 0.0], [0.0, 3.0, 1.0]])
+TARGETS = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+PSEUDO = torch.tensor([False, False, True, True])
+TEACHER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.5]])
+
+
+def test_off_is_cross_entropy_on_every_target() -> None:
+    loss = student_loss("off")(LOGITS, TARGETS, PSEUDO, None)
+    torch.testing.assert_close(loss, soft_cross_entropy(LOGITS, TARGETS))
+
+
+def test_offline_weights_hard_loss_and_kd_on_stored_distributions() -> None:
+    t, alpha = 2.0, 0.3
+    loss = student_loss("offline", alpha, t)(LOGITS, TARGETS, PSEUDO, None)
+    hard = F.cross_entropy(LOGITS[:2], torch.tensor([0, 2]))
+    p = TARGETS[2:]
+    q = F.log_softmax(LOGITS[2:] / t, dim=-1)
+    kd = (p * (p.log() - q)).sum(-1).mean() * t**2
+    torch.testing.assert_close(loss, alpha * hard + (1 - alpha) * kd)
+
+
+def test_online_distills_the_teacher_on_every_row() -> None:
+    loss = student_loss("online", 0.5, 3.0)(LOGITS, TARGETS, PSEUDO, TEACHER)
+    hard = F.cross_entropy(LOGITS[:2], torch.tensor([0, 2]))
+    torch.testing.assert_close(loss, 0.5 * hard + 0.5 * kd_loss(LOGITS, TEACHER, 3.0))
+
+
+def test_only_pseudo_rows_give_kd_alone() -> None:
+    everything = torch.ones(4, dtype=torch.bool)
+    loss = student_loss("online", 0.9, 1.0)(LOGITS, TARGETS, everything, TEACHER)
+    torch.testing.assert_close(loss, kd_loss(LOGITS, TEACHER, 1.0))
