@@ -400,7 +400,7 @@ def test_strong_policy_noises_each_image_and_mixes_targets() -> None:
 
 
 def test_unknown_policy_and_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="allowed: none, weak, strong"):
+    with pytest.raises(ValueError, match="allowed: none, weak, classic, strong"):
         build_augment("heavy")
     with pytest.raises(ValueError, match="mix_prob"):
         build_augment("strong", mix_prob=1.5)
@@ -437,3 +437,14 @@ def test_everything_stays_on_the_gpu_and_matches_the_cpu() -> None:
         mixed_images, mixed = mix(images, targets[:16, :16], 0.5)
         assert mixed_images.device.type == mixed.device.type == "cuda"
         torch.testing.assert_close(mixed.sum(1), torch.ones(16, device=cuda))
+
+
+def test_classic_policy_draws_per_image_and_keeps_shape() -> None:
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (1, 3, 24, 24), dtype=torch.uint8).repeat(12, 1, 1, 1)
+    targets = torch.eye(3)[torch.zeros(12, dtype=torch.long)]
+    images, out_targets = build_augment("classic", hflip=True)(batch, targets)
+    assert images.shape == batch.shape and images.dtype == torch.float32
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert len({tuple(img.flatten().tolist()) for img in images}) == 12
+    assert torch.equal(out_targets, targets)

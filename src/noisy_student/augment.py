@@ -29,7 +29,7 @@ Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 # A per-image parameter: a tensor of shape N, or one number for the whole batch.
 Param = torch.Tensor | float
 
-POLICIES = ("none", "weak", "strong")
+POLICIES = ("none", "weak", "classic", "strong")
 
 
 # --------------------------------------------------------------------------- randomness
@@ -620,6 +620,33 @@ def _weak(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return images
 
 
+def classic(images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The lecture's classic augmentations with per-image random values: brightness by an
+    added value and by a factor (clipped), a resized crop, a rotation, an affine warp from
+    three jittered corner correspondences and a perspective warp of the four corners."""
+    n, _, height, width = images.shape
+    device = images.device
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * _rand((n, *shape), None, device)
+
+    images = brightness_add(images, uniform(-32, 32))
+    images = brightness_mul(images, uniform(0.8, 1.2))
+    images = random_resized_crop(images, scale=(0.7, 1.0))
+    images = rotate(images, uniform(-10, 10))
+    corners = torch.tensor(
+        [[0.0, 0.0], [width - 1.0, 0.0], [width - 1.0, height - 1.0], [0.0, height - 1.0]],
+        device=device,
+    ).expand(n, 4, 2)
+    jitter = torch.tensor([width, height], device=device) * 0.08
+    src = corners[:, :3]
+    images = warp_affine(images, affine_from_points(src, src + uniform(-1, 1, 3, 2) * jitter))
+    images = perspective(images, corners, corners + uniform(-1, 1, 4, 2) * jitter)
+    if flip:
+        images = hflip(images, _rand((n,), None, device) < 0.5)
+    return images
+
+
 def _to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 to float in [0, 1], the same scaling the engine uses for evaluation."""
     return images.float().div_(255.0)
@@ -639,6 +666,7 @@ def build_augment(
 
     ``none``: only the conversion to float. ``weak`` (the teacher): random crop with zero
     padding ``max(1, W // 8)``, plus a random horizontal flip per image if ``hflip``.
+    ``classic``: the lecture's brightness, crop, rotation, affine and perspective warps.
     ``strong`` (students): per-image RandAugment(N, M), then the weak crop/flip, then with
     probability ``mix_prob`` per batch CutMix (``cutmix_alpha > 0``) or MixUp
     (``mixup_alpha > 0``), one of the two at random when both are enabled.
@@ -653,6 +681,8 @@ def build_augment(
         return lambda images, targets: (_to_float(images), targets)
     if policy == "weak":
         return lambda images, targets: (_to_float(_weak(images, hflip)), targets)
+    if policy == "classic":
+        return lambda images, targets: (_to_float(classic(images, hflip)), targets)
 
     rand_augment = BatchRandAugment(randaugment_ops, randaugment_magnitude)
     mixers: list[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []

@@ -87,7 +87,9 @@ class ModelSpec(_Strict):
 
 
 class TeacherConfig(ModelSpec):
-    augment: Literal["none", "weak"] = Field("weak", description="teacher augmentation policy")
+    augment: Literal["none", "weak", "classic"] = Field(
+        "weak", description="teacher augmentation: none, weak (crop/flip) or classic"
+    )
 
 
 class NoiseConfig(_Strict):
