@@ -86,3 +86,26 @@ def test_cli_refuses_bad_params_before_any_work(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "noise.dropout" in result.stderr and "less than 1" in result.stderr
     assert not run_dir.exists()
+
+
+def test_smaller_student_across_families_needs_allow_smaller() -> None:
+    shrink = {
+        "teacher.arch": "resnet18",
+        "iterations.1.arch": "efficientnet_b0",
+        "iterations.2.arch": "efficientnet_b0",
+        "iterations.2.width": 1.0,
+    }
+    with pytest.raises(ConfigError, match=r"iterations\.1: .*resnet18.*efficientnet_b0"):
+        load_config(None, shrink)
+    cfg = load_config(None, {**shrink, "student.allow_smaller": True})
+    assert cfg.iterations[1].arch == "efficientnet_b0"
+
+
+def test_online_distillation_refuses_mixing() -> None:
+    with pytest.raises(ConfigError, match="online.*cutmix_alpha"):
+        load_config(None, {"student.distillation": "online", "noise.cutmix_alpha": 1.0})
+
+
+def test_torchvision_arch_refuses_width() -> None:
+    with pytest.raises(ConfigError, match=r"teacher: width/depth: only small_resnet scales"):
+        load_config(None, {"teacher.arch": "resnet18", "teacher.width": 2.0})
