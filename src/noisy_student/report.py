@@ -1,0 +1,164 @@
+"""Metrics and figures that show where a model errs and what its pseudo-labels look like,
+for comparing iterations side by side in MLflow.
+
+Pure functions of arrays; the figure writers draw on matplotlib's Agg canvas (no display,
+no pyplot state) and write each PNG atomically, so a crash never leaves a half-written
+image behind to be logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from noisy_student.io import atomic_path
+
+FIGSIZE = (4.0, 4.0)  # inches; small PNGs keep logging fast
+DPI = 80
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``num_classes x num_classes``: row = true class, column = predicted class."""
+    labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    if labels.shape != preds.shape:
+        raise ValueError(f"{labels.shape} labels but {preds.shape} predictions")
+    if labels.size and min(labels.min(), preds.min()) < 0:
+        raise ValueError("class indices must be >= 0")
+    if labels.size and max(labels.max(), preds.max()) >= num_classes:
+        raise ValueError(f"class indices must be < num_classes ({num_classes})")
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: np.ndarray) -> list[float | None]:
+    """Recall of each class from a confusion matrix; None for a class with no images
+    (JSON has no NaN)."""
+    totals = matrix.sum(axis=1)
+    return [float(matrix[c, c] / n) if n else None for c, n in enumerate(totals)]
+
+
+def sample_rows(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows, a seeded sample in the frame's order when there are more, so the
+    same run logs the same rows."""
+    if len(frame) <= n:
+        return frame
+    return frame.sample(n, random_state=seed).sort_index()
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """The table as GitHub markdown, floats to 4 decimals, missing values as ``-``."""
+    cells = frame.astype(object).where(frame.notna(), None)  # tabulate marks only None missing
+    return cells.to_markdown(index=False, floatfmt=".4f", missingval="-") + "\n"
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def _class_axis(ax: Axes, classes: Sequence[str], axis: str = "x") -> None:
+    ticks = np.arange(len(classes))
+    if axis == "x":
+        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0, fontsize=7)
+    else:
+        ax.set_yticks(ticks, classes, fontsize=7)
+
+
+def write_confusion_matrix_png(
+    path: str | Path, matrix: np.ndarray, classes: Sequence[str]
+) -> None:
+    """Counts shaded by row share, so a rare class's errors show as clearly as a common one's."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    if len(classes) <= 20:
+        for (row, col), count in np.ndenumerate(matrix):
+            if count:
+                color = "white" if share[row, col] > 0.5 else "black"
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=6, color=color)
+    _class_axis(ax, classes, "x")
+    _class_axis(ax, classes, "y")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = int(matrix.sum())
+    accuracy = np.trace(matrix) / total if total else 0.0
+    ax.set_title(f"test: {total} images, accuracy {accuracy:.4f}", fontsize=9)
+    _save(fig, path)
+
+
+def write_per_class_accuracy_png(
+    path: str | Path, accuracy: Sequence[float | None], classes: Sequence[str]
+) -> None:
+    """One bar per class; a class with no images has no bar."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    ax.bar(np.arange(len(classes)), [np.nan if a is None else a for a in accuracy])
+    _class_axis(ax, classes)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("per-class accuracy (test)", fontsize=9)
+    _save(fig, path)
+
+
+def write_confidence_histogram_png(
+    path: str | Path, confidence: np.ndarray, threshold: float
+) -> None:
+    """Teacher confidence of the kept pseudo-labels, with the threshold that cut the rest."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    ax.hist(np.asarray(confidence, dtype=np.float64), bins=20, range=(0.0, 1.0))
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
+    ax.legend(fontsize=7)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("pseudo-labels")
+    ax.set_title(f"{len(confidence)} pseudo-labels", fontsize=9)
+    _save(fig, path)
+
+
+def write_class_counts_png(
+    path: str | Path, before: Sequence[int], after: Sequence[int], classes: Sequence[str]
+) -> None:
+    """Pseudo-labels per class before and after balancing, side by side."""
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, before, width=0.4, label="before balancing")
+    ax.bar(x + 0.2, after, width=0.4, label="after balancing")
+    _class_axis(ax, classes)
+    ax.set_ylabel("pseudo-labels")
+    ax.legend(fontsize=7)
+    ax.set_title("pseudo-labels per class", fontsize=9)
+    _save(fig, path)
+
+
+def write_sample_grid_png(
+    path: str | Path,
+    images: np.ndarray,
+    labels: Sequence[int],
+    confidence: Sequence[float],
+    classes: Sequence[str],
+    columns: int = 8,
+) -> None:
+    """uint8 ``N x C x H x W`` images, each titled with its pseudo-label and confidence."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(columns * 0.9, rows * 1.0))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, label, conf in zip(axes, images, labels, confidence, strict=False):
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(np.transpose(image, (1, 2, 0)))
+        ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6)
+    _save(fig, path)

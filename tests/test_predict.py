@@ -1,0 +1,131 @@
+"""The registered champion classifies like its checkpoint, from Python and through
+`noisy-student predict` on image files, a corrupt one skipped and reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from noisy_student import cli
+from noisy_student.data import load_images
+from noisy_student.engine import predict_proba
+from noisy_student.models import load_checkpoint
+from noisy_student.tracking import log_pipeline_run
+from tests.test_tracking import MODEL_NAME, mlflow_store, tiny_run
+
+CHAMPION = f"models:/{MODEL_NAME}@champion"
+NUM_IMAGES = 12
+
+
+@dataclass
+class Champion:
+    checkpoint: Path
+    images: Path  # a folder of test digits in <true label>/<image id>.png, and broken.png
+    expected: dict[str, int]  # file path -> the checkpoint's class for that image
+    test_ids: np.ndarray
+    tracking_uri: str
+
+
+def checkpoint_classes(checkpoint: Path, images: np.ndarray) -> np.ndarray:
+    probs = predict_proba(load_checkpoint(str(checkpoint)), images, torch.device("cpu"))
+    return probs.argmax(dim=-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Iterator[Champion]:
+    root = tmp_path_factory.mktemp("predict")
+    with mlflow_store(root) as client:
+        cfg, layout = tiny_run(root, digits_root)
+        log_pipeline_run(cfg, layout, "library")
+        iteration = int(client.get_model_version_by_alias(MODEL_NAME, "champion").tags["iteration"])
+        checkpoint = layout.model_dir(iteration) / "model.pt"
+        data = load_images(cfg.data.source, cfg.data.root)
+        test = pd.read_parquet(layout.splits / "test.parquet")
+        ids = test["image_id"].to_numpy()[:NUM_IMAGES]
+        classes = checkpoint_classes(checkpoint, data.images[ids])
+        folder = root / "images"
+        expected = {}
+        for image_id, label, predicted in zip(ids, data.labels[ids], classes, strict=True):
+            path = folder / str(label) / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[image_id, 0]).save(path)  # native 8x8 grey
+            expected[str(path)] = int(predicted)
+        (folder / "broken.png").write_bytes(b"not a png")
+        (folder / "notes.txt").write_text("not an image, not counted")
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        yield Champion(checkpoint, folder, expected, test["image_id"].to_numpy(), uri)
+
+
+def test_champion_predicts_like_its_checkpoint_on_any_batch_size(
+    champion: Champion, digits_root: Path
+) -> None:
+    model = mlflow.pytorch.load_model(CHAMPION)
+    images = load_images("digits", digits_root).images[champion.test_ids]
+    expected = checkpoint_classes(champion.checkpoint, images)
+    batch = torch.from_numpy(images).float() / 255.0
+    with torch.inference_mode():
+        for size in (1, 3, len(batch)):
+            preds = torch.cat([model(part) for part in batch.split(size)]).argmax(dim=-1)
+            np.testing.assert_array_equal(preds.numpy(), expected, err_msg=f"batch {size}")
+
+
+def test_predict_command_with_the_champion_writes_a_csv(champion: Champion, tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion.tracking_uri, "OMP_NUM_THREADS": "1"}
+    command = ["predict", "--model", CHAMPION, str(champion.images), "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_student.cli", *command, "--batch-size", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr
+    assert f"{NUM_IMAGES} images classified, 1 skipped" in result.stderr
+    table = pd.read_csv(out, dtype={"class": str})
+    assert table.columns.tolist() == ["path", "class", "class_index", "confidence"]
+    assert sorted(table["path"]) == sorted(champion.expected)
+    assert dict(zip(table["path"], table["class_index"], strict=True)) == champion.expected
+    assert (table["class"] == table["class_index"].astype(str)).all()  # digits' names: "0".."9"
+    assert table["confidence"].between(0.1, 1.0).all()  # at least uniform over 10 classes
+
+
+def test_predict_with_a_checkpoint_and_class_names(
+    champion: Champion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    path, index = next(iter(champion.expected.items()))
+    args = ["predict", "--model", str(champion.checkpoint), "--size", "8", "--classes"]
+    assert cli.main([*args, str(tmp_path / "names.json"), path]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:2] == [path, names[index]]
+
+
+def test_predict_fails_when_nothing_is_readable(
+    champion: Champion, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = str(champion.images / "broken.png")
+    assert cli.main(["predict", "--model", str(champion.checkpoint), broken]) == 1
+    assert "0 images classified, 1 skipped" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_size_the_logged_model_does_not_take(
+    champion: Champion, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["predict", "--model", CHAMPION, "--size", "32", str(champion.images)]) == 2
+    assert "takes 8x8 images" in capsys.readouterr().err
