@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,12 @@ def test_online_distillation_refuses_mixing() -> None:
 def test_torchvision_arch_refuses_width() -> None:
     with pytest.raises(ConfigError, match=r"teacher: width/depth: only small_resnet scales"):
         load_config(None, {"teacher.arch": "resnet18", "teacher.width": 2.0})
+
+
+def test_params_survive_a_yaml_rewrite(tmp_path: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml: no value may turn into a YAML boolean."""
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Values as unquoted as a rewrite may leave them (keys stay quoted, as DVC keeps them).
+    text = re.sub(r": '([^']*)'", r": \1", yaml.dump(tree, sort_keys=False))
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_config(tmp_path / "params.yaml") == load_config(REPO / "params.yaml")

@@ -44,7 +44,7 @@ TEACHER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [2.0, 1.0, 0.0], [0.0,
 
 
 def test_off_is_cross_entropy_on_every_target() -> None:
-    loss = student_loss("off")(LOGITS, TARGETS, PSEUDO, None)
+    loss = student_loss("none")(LOGITS, TARGETS, PSEUDO, None)
     torch.testing.assert_close(loss, soft_cross_entropy(LOGITS, TARGETS))
 
 

@@ -112,9 +112,9 @@ class StudentConfig(_Strict):
     unlabeled_ratio: float | None = Field(
         None, gt=0, description="pseudo-labeled per labeled image in each batch (null: shuffle)"
     )
-    distillation: Literal["off", "offline", "online"] = Field(
-        "off",
-        description="off: cross-entropy on all targets; offline: alpha-weighted CE + KD on "
+    distillation: Literal["none", "offline", "online"] = Field(
+        "none",
+        description="none: cross-entropy on all targets; offline: alpha-weighted CE + KD on "
         "stored soft labels; online: KD on the teacher's logits for each clean batch",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss")

@@ -140,7 +140,7 @@ def train_model(
     ``param_groups`` sets per-group learning rates (transfer learning); ``on_train_mode``
     runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
     """
-    loss_fn = loss_fn or student_loss("off")
+    loss_fn = loss_fn or student_loss("none")
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()

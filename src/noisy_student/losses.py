@@ -66,16 +66,16 @@ def student_loss(mode: str, alpha: float = 0.5, temperature: float = 1.0) -> Los
     """The training loss of a student, as ``engine.train_model`` calls it with (logits,
     targets, pseudo-label mask, teacher logits or None).
 
-    ``off``: cross-entropy with every row's target (one-hot or stored soft pseudo-label).
+    ``none``: cross-entropy with every row's target (one-hot or stored soft pseudo-label).
     ``offline``: ``alpha`` x cross-entropy on labeled rows + ``(1 - alpha)`` x KD on the
     pseudo-labeled rows, their stored distributions (made at ``temperature``) as targets.
     ``online``: ``alpha`` x cross-entropy on labeled rows + ``(1 - alpha)`` x KD against the
     teacher's logits for every row (the teacher scored the clean batch).
     """
-    if mode == "off":
+    if mode == "none":
         return lambda logits, targets, pseudo, teacher_logits: soft_cross_entropy(logits, targets)
     if mode not in ("offline", "online"):
-        raise ValueError(f"distillation mode {mode!r}; allowed: off, offline, online")
+        raise ValueError(f"distillation mode {mode!r}; allowed: none, offline, online")
 
     def loss(
         logits: torch.Tensor,

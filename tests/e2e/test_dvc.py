@@ -153,3 +153,29 @@ def test_mlflow_server_serves_the_runs(repro: Path) -> None:
         assert model["registered_model"]["name"] == "noisy-student"
     finally:
         stop(server)
+
+
+def test_remote_round_trip_reproduces_in_a_fresh_clone(repro: Path, tmp_path: Path) -> None:
+    """Push data and every output to a local-directory remote; a fresh clone pulls them and
+    has nothing left to reproduce."""
+    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repro)
+    run(["git", "add", "-A"], repro)
+    run(["git", "commit", "-q", "-m", "pipeline run and remote"], repro)
+    run(["dvc", "push"], repro)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repro), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], clone).stdout
+    for model in sorted((repro / "artifacts" / "models").glob("iter_*/model.pt")):
+        twin = clone / model.relative_to(repro)
+        assert hashlib.md5(twin.read_bytes()).digest() == hashlib.md5(model.read_bytes()).digest()
+    assert read_metrics(clone) == read_metrics(repro)
+
+
+def test_experiment_sweep_lists_its_metrics(repro: Path) -> None:
+    run(["dvc", "exp", "run", "-S", "pseudo_label.threshold=0.3", "--name", "low-threshold"], repro)
+    shown = run(["dvc", "exp", "show", "--json"], repro).stdout
+    assert "low-threshold" in shown and "final_test_accuracy" in shown
+    table = run(["dvc", "exp", "show", "--csv"], repro).stdout
+    row = next(line for line in table.splitlines() if "low-threshold" in line)
+    assert ",0.3," in row
