@@ -158,6 +158,27 @@ def _refuse_scaling(arch: str, width: float, depth: float) -> None:
         )
 
 
+def _remember(
+    model: nn.Module,
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    dropout: float,
+    stochastic_depth: float,
+    small_input: bool,
+) -> nn.Module:
+    """Keep the constructor arguments on the model so a checkpoint can rebuild it."""
+    model.config = dict(
+        arch=arch,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        dropout=dropout,
+        stochastic_depth=stochastic_depth,
+        small_input=small_input,
+    )
+    return model
+
+
 def _build_resnet(
     arch: str,
     num_classes: int,
@@ -184,15 +205,7 @@ def _build_resnet(
     for index, b in enumerate(blocks):
         # Linear decay rule, as in SmallResNet: deeper blocks are dropped more often.
         b.drop_path.p = stochastic_depth * (index + 1) / len(blocks)
-    model.config = dict(
-        arch=arch,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        dropout=dropout,
-        stochastic_depth=stochastic_depth,
-        small_input=small_input,
-    )
-    return model
+    return _remember(model, arch, num_classes, in_channels, dropout, stochastic_depth, small_input)
 
 
 def _build_efficientnet(
@@ -217,15 +230,7 @@ def _build_efficientnet(
     if small_input or in_channels != 3:
         stem = model.features[0][0]
         model.features[0][0] = _new_conv(in_channels, stem.out_channels, 3, 1 if small_input else 2)
-    model.config = dict(
-        arch=arch,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        dropout=dropout,
-        stochastic_depth=stochastic_depth,
-        small_input=small_input,
-    )
-    return model
+    return _remember(model, arch, num_classes, in_channels, dropout, stochastic_depth, small_input)
 
 
 @dataclass(frozen=True)
