@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 
 from noisy_student import pipeline
 from noisy_student.config import Config
+from noisy_student.report import markdown_table
 from noisy_student.tracking import log_pipeline_run
 
 CACHED = dict(
@@ -48,8 +49,8 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         cfg, _layout(run_dir), "prefect", extra_tags={"prefect_flow_run_id": str(flow_run.id)}
     )
     create_markdown_artifact(
-        markdown=f"## Noisy Student iterations\n\n{table.to_markdown(index=False)}\n\n"
-        f"MLflow parent run: `{run_id}`",
+        markdown=f"## Noisy Student iterations\n\n{pipeline.describe(cfg, table)}\n\n"
+        f"{markdown_table(table)}\nMLflow parent run: `{run_id}`",
         key="noisy-student-iterations",
         description="val/test accuracy by iteration",
     )

@@ -7,15 +7,18 @@ import pandas as pd
 import torch
 
 from noisy_student.config import Config, load_config
-from noisy_student.io import read_json
+from noisy_student.io import read_json, write_json
 from noisy_student.models import load_checkpoint, num_parameters
 from noisy_student.pipeline import (
     MODEL,
+    PER_CLASS,
     PSEUDO_LABELS,
     RunLayout,
     label_pool,
     prepare,
     run_all,
+    summarize,
+    teacher_of,
     train,
 )
 from tests.conftest import TINY
@@ -53,6 +56,57 @@ def test_loop_runs_and_reproduces_bit_for_bit(tiny_config: Config, tmp_path: Pat
             == read_json(second.model_dir(i) / "metrics.json")["test_accuracy"]
         )
     assert read_json(first.report / "metrics.json") == read_json(second.report / "metrics.json")
+
+    final = read_json(first.report / "metrics.json")["final_iteration"]
+    per_class = pd.read_csv(first.report / "per_class_accuracy.csv")
+    assert per_class["class"].astype(str).tolist() == [str(c) for c in range(10)]
+    pd.testing.assert_frame_equal(per_class, pd.read_csv(first.model_dir(final) / PER_CLASS))
+    html = (first.report / "report.html").read_text()
+    assert html.count('<img alt="') == 2 and "data:image/png;base64," in html
+    assert "| student-2 (width x1.5, depth x1)" in (first.report / "report.md").read_text()
+
+
+def test_a_student_that_does_not_beat_its_teacher_teaches_no_one(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    layout = RunLayout(tmp_path)
+    prepare(tiny_config, layout)
+    train(tiny_config, layout, 0)
+    label_pool(tiny_config, layout, 1)
+    train(tiny_config, layout, 1)
+    teacher = read_json(layout.model_dir(0) / "metrics.json")
+    student = read_json(layout.model_dir(1) / "metrics.json")
+    assert teacher["promoted"] and student["teacher_iteration"] == 0
+    assert student["promoted"] == (student["val_accuracy"] > teacher["val_accuracy"])
+    always = {**TINY, "data.root": tiny_config.data.root, "device": "cpu"}
+    train(load_config(None, {**always, "student.promote": "always"}), layout, 1)
+    assert read_json(layout.model_dir(1) / "metrics.json") == {
+        **student,
+        "promoted": True,
+        "train_seconds": read_json(layout.model_dir(1) / "metrics.json")["train_seconds"],
+    }
+
+    # Student 1 lost to the teacher: the teacher labels the pool for student 2 again.
+    lost = {**student, "val_accuracy": teacher["val_accuracy"], "promoted": False}
+    write_json(layout.model_dir(1) / "metrics.json", lost)
+    assert teacher_of(tiny_config, layout, 2) == 0
+    label_pool(tiny_config, layout, 2)
+    assert read_json(layout.pseudo_dir(2) / "metrics.json")["teacher_iteration"] == 0
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(layout.pseudo_dir(2) / PSEUDO_LABELS),
+        pd.read_parquet(layout.pseudo_dir(1) / PSEUDO_LABELS),
+    )
+    train(tiny_config, layout, 2)
+    second = read_json(layout.model_dir(2) / "metrics.json")
+    assert second["teacher_iteration"] == 0
+    assert second["teacher_val_accuracy"] == teacher["val_accuracy"]
+
+    table = summarize(tiny_config, layout)
+    assert table["promoted"].tolist() == [True, False, second["promoted"]]
+    final = read_json(layout.report / "metrics.json")
+    assert final["final_iteration"] == (2 if second["promoted"] else 0)
+    rejected = 1 + (not second["promoted"])
+    assert f"({rejected} not promoted)" in (layout.report / "report.md").read_text()
 
 
 def test_label_pool_balances_classes(tiny_config: Config, tmp_path: Path) -> None:

@@ -156,6 +156,11 @@ def test_parent_charts_every_iteration_and_logs_the_summary(logged: Logged, tmp_
     assert parent.data.tags["mlflow.note.content"].startswith("Noisy Student on digits")
     config = read_json(download(parent, "config.json", tmp_path))
     assert config == logged.cfg.model_dump(mode="json")
+    html = download(parent, "report/report.html", tmp_path).read_text()
+    assert html.count("data:image/png;base64,") == 2 and "student-1" in html
+    assert "![Accuracy by iteration](accuracy_by_iteration.png)" in (
+        download(parent, "report/report.md", tmp_path).read_text()
+    )
 
 
 def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_path: Path) -> None:
@@ -203,7 +208,7 @@ def test_students_log_their_pseudo_labels(logged: Logged, tmp_path: Path) -> Non
         assert grid.width > grid.height  # 4 rows of 8 images
 
 
-def test_versions_carry_lineage_tags_and_teacher_follows_the_last_iteration(
+def test_versions_carry_lineage_tags_and_teacher_follows_the_promoted_model(
     logged: Logged,
 ) -> None:
     for i, child in enumerate(logged.children):
@@ -214,20 +219,27 @@ def test_versions_carry_lineage_tags_and_teacher_follows_the_last_iteration(
         assert float(tags["test_accuracy"]) == metrics["test_accuracy"]
         assert tags["params_hash"] == logged.cfg.fingerprint()
         assert tags["data_dvc_md5"] == child.data.tags["data_dvc_md5"]
+        assert tags["promoted"] == child.data.tags["promoted"] == str(metrics["promoted"])
     vals = [read_json(logged.layout.model_dir(i) / "metrics.json")["val_accuracy"] for i in (0, 1)]
     assert logged.aliases == {
-        "teacher": version_of(logged, 1),
+        "teacher": version_of(logged, promoted_iteration(logged.layout)),
         "champion": version_of(logged, int(np.argmax(vals))),  # the first of equals
     }
 
 
+def promoted_iteration(layout: RunLayout) -> int:
+    return read_json(layout.report / "metrics.json")["final_iteration"]
+
+
 def with_val_accuracy(logged: Logged, root: Path, values: list[float]) -> RunLayout:
-    """A copy of the run whose models score ``values`` on validation."""
+    """A copy of the run whose models score ``values`` on validation; the student is
+    promoted when it beats the teacher."""
     shutil.copytree(logged.layout.root, root)
     layout = RunLayout(root)
     for i, value in enumerate(values):
         path = layout.model_dir(i) / "metrics.json"
-        write_json(path, {**read_json(path), "val_accuracy": value})
+        promoted = i == 0 or value > values[0]
+        write_json(path, {**read_json(path), "val_accuracy": value, "promoted": promoted})
     pipeline.summarize(logged.cfg, layout)
     return layout
 
@@ -237,12 +249,15 @@ def test_champion_moves_only_to_a_strictly_better_model(logged: Logged, tmp_path
     best = float(logged.client.get_model_version(MODEL_NAME, champion).tags["val_accuracy"])
 
     tied = log(logged.client, logged.cfg, with_val_accuracy(logged, tmp_path / "a", [best, 0.1]))
-    assert tied.aliases == {"teacher": version_of(tied, 1), "champion": champion}
+    # The student lost to its teacher: the teacher stays the promoted model.
+    assert tied.aliases == {"teacher": version_of(tied, 0), "champion": champion}
+    assert tied.children[1].data.tags["promoted"] == "False"
 
     better = best + 0.01
     moved = log(
         logged.client, logged.cfg, with_val_accuracy(logged, tmp_path / "b", [better, better])
     )
-    assert moved.aliases == {"teacher": version_of(moved, 1), "champion": version_of(moved, 0)}
+    # A tie is not a win: the teacher stays promoted and, as the first of equals, champion.
+    assert moved.aliases == {"teacher": version_of(moved, 0), "champion": version_of(moved, 0)}
     tags = logged.client.get_model_version_by_alias(MODEL_NAME, "champion").tags
     assert tags["val_accuracy"] == str(better)

@@ -28,6 +28,7 @@ def print_table(table: pd.DataFrame) -> None:
         "pseudo-label acc",
         "val acc",
         "test acc",
+        "promoted",
     ):
         out.add_column(column, justify="left" if column == "model" else "right")
     for row in table.to_dict("records"):
@@ -40,8 +41,9 @@ def print_table(table: pd.DataFrame) -> None:
             "-" if pd.isna(pl) else f"{pl:.4f}",
             f"{row['val_accuracy']:.4f}",
             f"{row['test_accuracy']:.4f}",
+            "yes" if row["promoted"] else f"no (model {int(row['teacher_iteration'])} teaches on)",
         )
-    Console(width=120).print(out)
+    Console(width=140).print(out)
 
 
 def _positive(text: str) -> int:

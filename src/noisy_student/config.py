@@ -121,6 +121,11 @@ class StudentConfig(_Strict):
     finetune_epochs: int = Field(0, ge=0, description="final epochs on labeled images only")
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune lr / train.lr")
     allow_smaller: bool = Field(False, description="allow students smaller than their teacher")
+    promote: Literal["always", "if_better"] = Field(
+        "if_better",
+        description="if_better: a student that does not beat its teacher on validation does "
+        "not teach the next iteration (its teacher goes on teaching); always: every student does",
+    )
 
 
 class PseudoLabelConfig(_Strict):

@@ -36,6 +36,11 @@ from noisy_student.pseudo_label import (
     pseudo_label,
     targets_from_manifest,
 )
+from noisy_student.report import (
+    write_accuracy_by_iteration_png,
+    write_per_class_accuracy_png,
+    write_report,
+)
 from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_param_groups
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ MODEL = "model.pt"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
 PSEUDO_LABELS = "pseudo_labels.parquet"
+PER_CLASS = "per_class_accuracy.csv"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,17 @@ def model_name(iteration: int, spec: ModelSpec) -> str:
     if spec.arch != "small_resnet":
         return f"{role} ({spec.arch})"
     return f"{role} (width x{spec.width:g}, depth x{spec.depth:g})"
+
+
+def teacher_of(cfg: Config, layout: RunLayout, iteration: int) -> int:
+    """The model that teaches student ``iteration``: the model named by
+    ``iterations.<i>.teacher`` if it was promoted, else the model that taught it (a student
+    that did not beat its teacher under ``student.promote: if_better`` teaches no one)."""
+    named = cfg.iterations[iteration].teacher
+    if named == 0:
+        return 0
+    metrics = read_json(layout.model_dir(named) / METRICS)
+    return named if metrics["promoted"] else metrics["teacher_iteration"]
 
 
 def prepare(cfg: Config, layout: RunLayout) -> Path:
@@ -134,9 +151,20 @@ def _build(cfg: Config, iteration: int, data: ImageSet, noised: bool) -> nn.Modu
     return model
 
 
-def _evaluate(model: nn.Module, data: ImageSet, split: pd.DataFrame, device: torch.device) -> float:
-    ids = split["image_id"].to_numpy()
-    return accuracy(predict_proba(model, data.images, device, ids=ids), _column(split, "label"))
+def _predict(model: nn.Module, data: ImageSet, split: pd.DataFrame, device: torch.device):
+    return predict_proba(model, data.images, device, ids=split["image_id"].to_numpy())
+
+
+def _per_class_accuracy(probs: torch.Tensor, split: pd.DataFrame, classes: list[str]):
+    """Test accuracy of each class, the table behind the per-class plot."""
+    labels = split["label"].to_numpy()
+    correct = probs.argmax(dim=-1).numpy() == labels
+    rows = [
+        {"class": name, "test_accuracy": float(correct[labels == c].mean())}
+        for c, name in enumerate(classes)
+        if (labels == c).any()
+    ]
+    return pd.DataFrame(rows)
 
 
 def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
@@ -157,6 +185,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     spec, student, n_pseudo = cfg.spec(iteration), iteration > 0, 0
     model = _build(cfg, iteration, data, noised=student)
     teacher, loss_fn, ratio = None, None, None
+    teacher_iteration = teacher_of(cfg, layout, iteration) if student else None
     if student:
         pseudo = pd.read_parquet(layout.pseudo_dir(iteration) / PSEUDO_LABELS)
         n_pseudo = len(pseudo)
@@ -181,7 +210,9 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         ratio = sc.unlabeled_ratio
         if sc.distillation == "online":
             teacher = load_checkpoint(
-                str(layout.model_dir(iteration - 1) / MODEL), dropout=0.0, stochastic_depth=0.0
+                str(layout.model_dir(teacher_iteration) / MODEL),
+                dropout=0.0,
+                stochastic_depth=0.0,
             )
     else:
         train_data = labeled_data
@@ -219,6 +250,9 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         more = train_model(model, labeled_data, finetune, weak, device, val=val_set)
         history += [{**h, "epoch": h["epoch"] + len(history)} for h in more]
     seconds = time.perf_counter() - start
+    val_accuracy = accuracy(_predict(model, data, val, device), _column(val, "label"))
+    test = _split(layout, "test")
+    test_probs = _predict(model, data, test, device)
     metrics = {
         "iteration": iteration,
         "model": name,
@@ -228,29 +262,57 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         "num_parameters": num_parameters(model),
         "num_labeled": len(labeled),
         "num_pseudo_labeled": n_pseudo,
-        "val_accuracy": _evaluate(model, data, val, device),
-        "test_accuracy": _evaluate(model, data, _split(layout, "test"), device),
+        "val_accuracy": val_accuracy,
+        "test_accuracy": accuracy(test_probs, _column(test, "label")),
         "train_seconds": round(seconds, 3),
+        **_promotion(cfg, layout, teacher_iteration, val_accuracy),
     }
     out = layout.model_dir(iteration)
     save_torch(out / MODEL, save_checkpoint(model.cpu()))
     write_csv(out / HISTORY, pd.DataFrame(history))
+    write_csv(out / PER_CLASS, _per_class_accuracy(test_probs, test, data.classes))
     write_json(out / METRICS, metrics)
     log.info("%s: val %.4f test %.4f", name, metrics["val_accuracy"], metrics["test_accuracy"])
+    if not metrics["promoted"]:
+        log.warning(
+            "%s does not beat its teacher on validation (%.4f <= %.4f): not promoted, "
+            "model %d goes on teaching",
+            name,
+            val_accuracy,
+            metrics["teacher_val_accuracy"],
+            teacher_iteration,
+        )
     return out
 
 
+def _promotion(
+    cfg: Config, layout: RunLayout, teacher_iteration: int | None, val_accuracy: float
+) -> dict:
+    """Whether the new model teaches the next iteration. The teacher (iteration 0) always
+    does; a student under ``promote: if_better`` only when strictly better on validation."""
+    if teacher_iteration is None:
+        return {"teacher_iteration": None, "teacher_val_accuracy": None, "promoted": True}
+    teacher_val = read_json(layout.model_dir(teacher_iteration) / METRICS)["val_accuracy"]
+    better = val_accuracy > teacher_val
+    return {
+        "teacher_iteration": teacher_iteration,
+        "teacher_val_accuracy": teacher_val,
+        "promoted": better or cfg.student.promote == "always",
+    }
+
+
 def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
-    """The model of ``iteration - 1``, un-noised, labels the unlabeled pool for student
-    ``iteration``; the pool's hidden labels, where known, only score the result."""
+    """The teacher of student ``iteration`` (``teacher_of``), un-noised, labels the
+    unlabeled pool; the pool's hidden labels, where known, only score the result."""
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
     data = load_images(cfg.data.source, cfg.data.root)
     pool = _split(layout, "unlabeled")
     if pool.empty:
         raise ValueError("the unlabeled pool is empty: nothing to pseudo-label")
+    teacher_iteration = teacher_of(cfg, layout, iteration)
     teacher = load_checkpoint(
-        str(layout.model_dir(iteration - 1) / MODEL), dropout=0.0, stochastic_depth=0.0
+        str(layout.model_dir(teacher_iteration) / MODEL), dropout=0.0, stochastic_depth=0.0
     )
     pc = cfg.pseudo_label
     manifest = pseudo_label(
@@ -269,6 +331,7 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     num_classes = len(data.classes)
     metrics = {
         "iteration": iteration,
+        "teacher_iteration": teacher_iteration,
         "pool_size": len(pool),
         "num_above_threshold": len(manifest),
         "kept_fraction": len(manifest) / len(pool),
@@ -293,41 +356,84 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     return out
 
 
+def final_iteration(table: pd.DataFrame) -> int:
+    """The model the run ends with: the last one promoted."""
+    return int(table.loc[table["promoted"].astype(bool), "iteration"].max())
+
+
+def describe(cfg: Config, table: pd.DataFrame) -> str:
+    """One sentence on what the run was and what it gave."""
+    first = table.iloc[0]
+    final = table.set_index("iteration").loc[final_iteration(table)]
+    rejected = int((~table["promoted"].astype(bool)).sum())
+    return (
+        f"Noisy Student on {cfg.data.source}, {cfg.data.labeled_per_class} labels per class, "
+        f"{len(table) - 1} student iteration(s) ({rejected} not promoted), pseudo-labels "
+        f"{cfg.pseudo_label.mode} (threshold {cfg.pseudo_label.threshold}), RandAugment "
+        f"N={cfg.noise.randaugment_ops} M={cfg.noise.randaugment_magnitude}. Test accuracy: "
+        f"teacher {first.test_accuracy:.4f} -> {final.model} {final.test_accuracy:.4f}."
+    )
+
+
 def summarize(cfg: Config, layout: RunLayout) -> pd.DataFrame:
-    """One row per iteration (teacher first); written as the report's CSV and metrics."""
+    """One row per iteration (teacher first), written with the final model's per-class
+    accuracy, the report's metrics and a self-contained report (markdown + HTML)."""
+    columns = (
+        "iteration",
+        "model",
+        "num_parameters",
+        "num_labeled",
+        "num_pseudo_labeled",
+        "val_accuracy",
+        "test_accuracy",
+        "teacher_iteration",
+        "promoted",
+    )
     rows = []
     for iteration in range(len(cfg.iterations) + 1):
         m = read_json(layout.model_dir(iteration) / METRICS)
-        row = {
-            k: m[k]
-            for k in (
-                "iteration",
-                "model",
-                "num_parameters",
-                "num_labeled",
-                "num_pseudo_labeled",
-                "val_accuracy",
-                "test_accuracy",
-            )
-        }
+        row = {k: m[k] for k in columns}
         row["pseudo_label_accuracy"] = None
         if iteration > 0:
-            row["pseudo_label_accuracy"] = read_json(layout.pseudo_dir(iteration) / METRICS)[
-                "pseudo_label_accuracy"
-            ]
+            pseudo = read_json(layout.pseudo_dir(iteration) / METRICS)
+            row["pseudo_label_accuracy"] = pseudo["pseudo_label_accuracy"]
+        row["train_seconds"] = m["train_seconds"]
         rows.append(row)
-    table = pd.DataFrame(rows)
-    write_csv(layout.report / "iterations.csv", table)
-    first, last = rows[0], rows[-1]
+    table = pd.DataFrame(rows).astype({"teacher_iteration": "Int64"})
+    out = layout.report
+    write_csv(out / "iterations.csv", table.drop(columns="train_seconds"))
+    final = final_iteration(table)
+    per_class = pd.read_csv(layout.model_dir(final) / PER_CLASS)
+    write_csv(out / PER_CLASS, per_class)
+    first, last = rows[0], rows[final]
     write_json(
-        layout.report / METRICS,
+        out / METRICS,
         {
             "teacher_val_accuracy": first["val_accuracy"],
             "teacher_test_accuracy": first["test_accuracy"],
+            "final_iteration": final,
             "final_val_accuracy": last["val_accuracy"],
             "final_test_accuracy": last["test_accuracy"],
             "test_gain": last["test_accuracy"] - first["test_accuracy"],
             "iterations": len(rows) - 1,
+            "promoted": int(table["promoted"].sum()) - 1,
+        },
+    )
+    write_accuracy_by_iteration_png(out / "accuracy_by_iteration.png", table)
+    write_per_class_accuracy_png(
+        out / "per_class_accuracy.png",
+        per_class["test_accuracy"].tolist(),
+        per_class["class"].astype(str).tolist(),
+    )
+    write_report(
+        out,
+        f"Noisy Student run {cfg.fingerprint()}",
+        describe(cfg, table),
+        table,
+        {
+            "accuracy_by_iteration.png": "Accuracy by iteration",
+            "per_class_accuracy.png": f"Per-class test accuracy of the final model "
+            f"({last['model']})",
         },
     )
     return table

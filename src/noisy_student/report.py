@@ -8,7 +8,9 @@ image behind to be logged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import html
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from noisy_student.io import atomic_path
+from noisy_student.io import atomic_path, write_bytes
 
 FIGSIZE = (4.0, 4.0)  # inches; small PNGs keep logging fast
 DPI = 80
@@ -162,3 +164,66 @@ def write_sample_grid_png(
             ax.imshow(np.transpose(image, (1, 2, 0)))
         ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6)
     _save(fig, path)
+
+
+def write_accuracy_by_iteration_png(path: str | Path, table: pd.DataFrame) -> None:
+    """Validation, test and pseudo-label accuracy against iteration (0 = teacher); a student
+    that was not promoted is circled in red."""
+    fig = Figure(figsize=(5.0, 3.5))
+    ax = fig.subplots()
+    x = table["iteration"].to_numpy()
+    for column, style in (
+        ("val_accuracy", "o-"),
+        ("test_accuracy", "s-"),
+        ("pseudo_label_accuracy", "^--"),
+    ):
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
+        if np.isfinite(values).any():
+            ax.plot(x, values, style, label=column.removesuffix("_accuracy").replace("_", " "))
+    rejected = table[~table["promoted"].astype(bool)]
+    if len(rejected):
+        ax.scatter(
+            rejected["iteration"],
+            rejected["val_accuracy"],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label="not promoted",
+        )
+    ax.set_xticks(x)
+    ax.set_xlabel("iteration (0 = teacher)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def write_report(
+    out: str | Path, title: str, description: str, table: pd.DataFrame, figures: Mapping[str, str]
+) -> None:
+    """``report.md`` (figures as the PNG files beside it) and ``report.html``, one file with
+    the figures embedded, so it can be mailed or opened from an artifact store as is.
+    ``figures`` maps a PNG file name in ``out`` to its caption."""
+    out = Path(out)
+    md = [f"# {title}", "", description, "", markdown_table(table)]
+    page = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(description)}</p>",
+        table.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}", border=0),
+    ]
+    for name, caption in figures.items():
+        md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+        encoded = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        page += [
+            f"<h2>{html.escape(caption)}</h2>",
+            f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">',
+        ]
+    page.append("</body></html>")
+    write_bytes(out / "report.md", "\n".join(md).encode())
+    write_bytes(out / "report.html", "\n".join(page).encode())

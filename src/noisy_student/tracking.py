@@ -36,7 +36,15 @@ from noisy_student.data import ImageSet, load_images
 from noisy_student.engine import predict_proba, select_device
 from noisy_student.io import read_json, write_json, write_parquet
 from noisy_student.models import load_checkpoint
-from noisy_student.pipeline import HISTORY, METRICS, MODEL, PSEUDO_LABELS, RunLayout
+from noisy_student.pipeline import (
+    HISTORY,
+    METRICS,
+    MODEL,
+    PSEUDO_LABELS,
+    RunLayout,
+    describe,
+    final_iteration,
+)
 from noisy_student.report import (
     confusion_matrix,
     markdown_table,
@@ -56,6 +64,7 @@ TEACHER_ALIAS = "teacher"
 CHAMPION_ALIAS = "champion"
 MANIFEST_ROWS = 20_000  # pseudo-label rows logged per student; a seeded sample beyond
 GRID_IMAGES = 32  # pseudo-labeled images shown per student
+REPORT_FILES = ("report.md", "report.html", "accuracy_by_iteration.png", "per_class_accuracy.png")
 
 
 def tracking_uri() -> str:
@@ -245,11 +254,11 @@ def _champion_val_accuracy(client: mlflow.MlflowClient, name: str) -> float | No
 
 
 def _update_aliases(
-    client: mlflow.MlflowClient, name: str, versions: list[tuple[str, float]]
+    client: mlflow.MlflowClient, name: str, promoted: str, versions: list[tuple[str, float]]
 ) -> None:
-    """``teacher`` -> this run's promoted (last) model; ``champion`` -> a new version only
+    """``teacher`` -> this run's final promoted model; ``champion`` -> a new version only
     when strictly better on validation than the champion of all earlier runs."""
-    client.set_registered_model_alias(name, TEACHER_ALIAS, versions[-1][0])
+    client.set_registered_model_alias(name, TEACHER_ALIAS, promoted)
     best = _champion_val_accuracy(client, name)
     for version, val_accuracy in versions:
         if best is None or val_accuracy > best:
@@ -267,14 +276,6 @@ def log_pipeline_run(
     table = pd.read_csv(layout.report / "iterations.csv")
     data = load_images(cfg.data.source, cfg.data.root)
     test = pd.read_parquet(layout.splits / "test.parquet")
-    first, last = table.iloc[0], table.iloc[-1]
-    description = (
-        f"Noisy Student on {cfg.data.source}, {cfg.data.labeled_per_class} labels per class, "
-        f"{len(table) - 1} student iteration(s), pseudo-labels {cfg.pseudo_label.mode} "
-        f"(threshold {cfg.pseudo_label.threshold}), RandAugment N={cfg.noise.randaugment_ops} "
-        f"M={cfg.noise.randaugment_magnitude}. Test accuracy: teacher {first.test_accuracy:.4f}"
-        f" -> {last.model} {last.test_accuracy:.4f}."
-    )
     resolved = cfg.model_dump(mode="json")
     # Iterations are logged as params per iteration, on the child runs.
     config = {k: v for k, v in resolved.items() if k != "iterations"}
@@ -284,7 +285,7 @@ def log_pipeline_run(
     with mlflow.start_run(
         run_name=f"{cfg.data.source} x{len(table) - 1} [{cfg.fingerprint()}]",
         tags=tags,
-        description=description,
+        description=describe(cfg, table),
     ) as parent:
         mlflow.log_params(_flat("", config))
         mlflow.log_dict(resolved, "config.json")
@@ -294,9 +295,8 @@ def log_pipeline_run(
             pseudo = read_json(layout.pseudo_dir(i) / METRICS) if i > 0 else None
             mean_confidence.append(pseudo["mean_confidence"] if pseudo else None)
             mlflow.log_metrics(_step_metrics(row, pseudo), step=i)
-            with mlflow.start_run(
-                run_name=row["model"], nested=True, tags={**tags, "iteration": str(i)}
-            ):
+            child_tags = {**tags, "iteration": str(i), "promoted": str(bool(row["promoted"]))}
+            with mlflow.start_run(run_name=row["model"], nested=True, tags=child_tags):
                 spec = cfg.spec(i)
                 params: dict[str, Any] = {
                     "iteration": i,
@@ -333,7 +333,7 @@ def log_pipeline_run(
                         distillation=cfg.student.distillation,
                         distillation_alpha=cfg.student.alpha,
                         finetune_epochs=cfg.student.finetune_epochs,
-                        teacher_iteration=cfg.iterations[i].teacher,
+                        teacher_iteration=metrics["teacher_iteration"],
                     )
                     final["pseudo_label_mean_confidence"] = pseudo["mean_confidence"]
                     if pseudo["pseudo_label_accuracy"] is not None:  # None: no hidden labels
@@ -357,6 +357,7 @@ def log_pipeline_run(
                 "iteration": i,
                 "val_accuracy": metrics["val_accuracy"],
                 "test_accuracy": metrics["test_accuracy"],
+                "promoted": metrics["promoted"],
                 "data_dvc_md5": tags["data_dvc_md5"],
                 "params_hash": tags["params_hash"],
             }
@@ -369,7 +370,10 @@ def log_pipeline_run(
         )
         mlflow.log_text(summary.to_csv(index=False), "iterations.csv")
         mlflow.log_text(markdown_table(summary), "iterations.md")
-        _update_aliases(client, registered, versions)
+        for name in REPORT_FILES:
+            mlflow.log_artifact(str(layout.report / name), "report")
+        promoted = versions[final_iteration(table)][0]
+        _update_aliases(client, registered, promoted, versions)
         log.info("MLflow: parent run %s in %s", parent.info.run_id, tracking_uri())
         return parent.info.run_id
 

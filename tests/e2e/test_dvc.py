@@ -102,10 +102,30 @@ def test_changing_a_student_reruns_only_what_depends_on_it(repro: Path) -> None:
     assert json.loads(run(["dvc", "status", "--json"], repro).stdout) == {}
 
 
-def test_forced_repro_gives_identical_metrics(repro: Path) -> None:
-    before = read_metrics(repro)
+def model_hashes(repo: Path) -> dict[str, str]:
+    files = sorted((repo / "artifacts").glob("models/iter_*/model.pt"))
+    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_forced_repro_gives_identical_metrics_and_models(repro: Path) -> None:
+    before, models = read_metrics(repro), model_hashes(repro)
+    assert len(models) == 3
     run(["dvc", "repro", "--force"], repro)
     assert strip_timing(read_metrics(repro)) == strip_timing(before)
+    assert model_hashes(repro) == models
+
+
+def test_plots_render_accuracy_by_iteration_and_per_class(repro: Path) -> None:
+    result = run(["dvc", "plots", "show", "--json"], repro)
+    plots = json.loads(result.stdout)["data"]
+    assert {
+        "accuracy by iteration",
+        "pseudo-label accuracy by iteration",
+        "per-class test accuracy of the final model",
+    } <= set(plots)
+    [per_class] = plots["per-class test accuracy of the final model"]
+    values = per_class["content"]["data"]["values"]
+    assert sorted(v["class"] for v in values) == [str(c) for c in range(10)]
 
 
 def test_library_run_gives_the_same_files_as_dvc(repro: Path) -> None:
