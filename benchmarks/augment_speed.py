@@ -31,6 +31,36 @@ def _seconds(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def measure(
+    batch: int,
+    size: int,
+    channels: int,
+    repeats: int,
+    num_ops: int,
+    magnitude: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Median images/s of batched RandAugment on ``device`` and of torchvision's
+    RandAugment image by image on CPU, on the same random batch, alternating."""
+    images = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
+    on_device = images.to(device)
+    batched = BatchRandAugment(num_ops, magnitude)
+    per_image = v2.RandAugment(num_ops, magnitude)
+
+    def run_batched() -> torch.Tensor:
+        return batched(on_device)
+
+    def run_per_image() -> torch.Tensor:
+        return torch.stack([per_image(image) for image in images])
+
+    run_batched(), run_per_image()  # warm-up: allocator, kernels, lazy imports
+    batched_s, per_image_s = [], []
+    for _ in range(repeats):
+        batched_s.append(_seconds(run_batched, device))
+        per_image_s.append(_seconds(run_per_image, torch.device("cpu")))
+    return batch / statistics.median(batched_s), batch / statistics.median(per_image_s)
+
+
 def main() -> None:
     """Time both ways, print the median images/s of each and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,26 +82,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    shape = (args.batch, args.channels, args.size, args.size)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8)
-    on_device = images.to(device)
-    batched = BatchRandAugment(args.num_ops, args.magnitude)
-    per_image = v2.RandAugment(args.num_ops, args.magnitude)
-
-    def run_batched() -> torch.Tensor:
-        return batched(on_device)
-
-    def run_per_image() -> torch.Tensor:
-        return torch.stack([per_image(image) for image in images])
-
-    run_batched(), run_per_image()  # warm-up: allocator, kernels, lazy imports
-    batched_s, per_image_s = [], []
-    for _ in range(args.repeats):
-        batched_s.append(_seconds(run_batched, device))
-        per_image_s.append(_seconds(run_per_image, torch.device("cpu")))
-    batched_rate = args.batch / statistics.median(batched_s)
-    per_image_rate = args.batch / statistics.median(per_image_s)
-
+    batched_rate, per_image_rate = measure(
+        args.batch, args.size, args.channels, args.repeats, args.num_ops, args.magnitude, device
+    )
     print(
         f"batch {args.batch} x {args.channels} x {args.size} x {args.size}, "
         f"RandAugment({args.num_ops}, {args.magnitude}), {args.repeats} repeats, "

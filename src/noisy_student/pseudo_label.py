@@ -26,29 +26,32 @@ def pseudo_label(
     distribution, summing to 1)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
-    kept = []
+    # Kept rows collect as arrays and become one frame at the end: a frame per batch
+    # would cost more than a fast model's inference.
+    ids, labels, confidences, distributions = [], [], [], []
     start = 0
     for logits in predict_logits_batches(model, images, device, batch_size, image_ids):
         probs = (logits / temperature).softmax(dim=-1)
         confidence, label = probs.max(dim=-1)
         keep = (confidence >= threshold).numpy()
-        ids = image_ids[start : start + len(logits)]
+        ids.append(image_ids[start : start + len(logits)][keep])
         start += len(logits)
-        part = pd.DataFrame(
-            {
-                "image_id": ids[keep],
-                "label": label.numpy()[keep],
-                "confidence": confidence.numpy()[keep],
-            }
-        )
+        labels.append(label.numpy()[keep])
+        confidences.append(confidence.numpy()[keep])
         if mode == "soft":
-            part["probs"] = list(probs.numpy()[keep].astype(np.float32))
-        kept.append(part)
-    return (
-        pd.concat(kept, ignore_index=True)
-        if kept
-        else pd.DataFrame(columns=["image_id", "label", "confidence"])
+            distributions.append(probs.numpy()[keep].astype(np.float32))
+    if not ids:
+        return pd.DataFrame(columns=["image_id", "label", "confidence"])
+    manifest = pd.DataFrame(
+        {
+            "image_id": np.concatenate(ids),
+            "label": np.concatenate(labels),
+            "confidence": np.concatenate(confidences),
+        }
     )
+    if mode == "soft":
+        manifest["probs"] = list(np.concatenate(distributions))
+    return manifest
 
 
 def balance_classes(manifest: pd.DataFrame, num_classes: int, per_class: int) -> pd.DataFrame:

@@ -1,0 +1,62 @@
+"""Each benchmark script runs end to end on a tiny setting (the figures themselves are
+measured by hand and recorded in BENCHMARKS.md, not asserted here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def bench(*args: str, timeout: float = 600) -> str:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_throughput_prints_each_ratio_against_its_baseline() -> None:
+    out = bench(
+        "benchmarks/throughput.py",
+        "--train-images", "64",
+        "--pool-images", "256",
+        "--batch", "32",
+        "--label-batch", "128",
+        "--repeats", "1",
+    )  # fmt: skip
+    for name in ("training", "pseudo-labeling", "RandAugment(2,9)"):
+        [line] = [line for line in out.splitlines() if line.startswith(name)]
+        assert float(re.search(r"([\d.]+)x", line).group(1)) > 0
+
+
+def test_pool_scale_reports_memory_and_time_per_size() -> None:
+    out = bench("benchmarks/pool_scale.py", "--sizes", "500", "1500", "--batch", "256")
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert [int(r[0]) for r in rows] == [500, 1500]
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="needs the dataset-fashion-mnist package")
+def test_fashion_mnist_benchmark_tabulates_the_loop(tmp_path: Path) -> None:
+    out = bench(
+        "benchmarks/fashion_mnist.py",
+        "--data-root", str(tmp_path),
+        "--limit", "1",
+        "--set", "teacher.epochs=1",
+        "--set", "train.epochs=1",
+        "--set", "pseudo_label.balance=20",
+        "--set", "data.labeled_per_class=5",
+        "--set", "data.val_per_class=5",
+        "--set", "device=cpu",
+        "--out", str(tmp_path / "rows.csv"),
+    )  # fmt: skip
+    assert "supervised, 50 labels (the teacher)" in out
+    assert "recipe: final model" in out
+    assert (tmp_path / "rows.csv").read_text().count("\n") == 3  # header, teacher, student
