@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import random
 import time
@@ -50,6 +51,18 @@ def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # uint8 N x C x H x W images: a tensor, or a (memory-mapped) numpy array.
 Images = np.ndarray | torch.Tensor
+
+
+def release_pages(images: Images) -> None:
+    """Drop the pages of a memory-mapped image array from this process's resident memory
+    (the kernel keeps them in its page cache and maps them back on the next touch), so
+    streaming through a pool larger than memory keeps resident memory flat. A no-op for
+    arrays in memory."""
+    base = images
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def gather(images: Images, ids: np.ndarray) -> torch.Tensor:
@@ -209,11 +222,12 @@ def predict_logits_batches(
 ) -> Iterator[torch.Tensor]:
     """Stream logits for rows ``ids`` of ``images`` (all rows by default), batch by batch,
     the model in eval mode (no dropout, no drop-path); a memory-mapped pool is read one
-    batch at a time."""
+    batch at a time and its pages released after each."""
     model.to(device).eval()
     ids = np.arange(len(images)) if ids is None else np.asarray(ids)
     for start in range(0, len(ids), batch_size):
         batch = gather(images, ids[start : start + batch_size])
+        release_pages(images)
         with _autocast(device):
             yield model(to_float(batch, device)).float().cpu()
 

@@ -9,6 +9,8 @@ from torch import nn
 
 from noisy_student.engine import Images, predict_logits_batches
 
+PROB = "prob_"  # soft-label column prefix: prob_0, prob_1, ...
+
 
 def pseudo_label(
     model: nn.Module,
@@ -22,8 +24,9 @@ def pseudo_label(
 ) -> pd.DataFrame:
     """Label rows ``image_ids`` of ``images``, streaming batch by batch; keep those whose
     confidence (max probability at ``temperature``) reaches ``threshold``. Columns:
-    ``image_id``, ``label``, ``confidence`` and, in soft mode, ``probs`` (the full
-    distribution, summing to 1)."""
+    ``image_id``, ``label``, ``confidence`` and, in soft mode, ``prob_0`` ... ``prob_<K-1>``
+    (the full distribution, summing to 1; plain float columns hold a large pool in a
+    fraction of the memory of one array object per row)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
     # Kept rows collect as arrays and become one frame at the end: a frame per batch
@@ -42,16 +45,15 @@ def pseudo_label(
             distributions.append(probs.numpy()[keep].astype(np.float32))
     if not ids:
         return pd.DataFrame(columns=["image_id", "label", "confidence"])
-    manifest = pd.DataFrame(
-        {
-            "image_id": np.concatenate(ids),
-            "label": np.concatenate(labels),
-            "confidence": np.concatenate(confidences),
-        }
-    )
+    columns = {
+        "image_id": np.concatenate(ids),
+        "label": np.concatenate(labels),
+        "confidence": np.concatenate(confidences),
+    }
     if mode == "soft":
-        manifest["probs"] = list(np.concatenate(distributions))
-    return manifest
+        distribution = np.concatenate(distributions)
+        columns |= {f"{PROB}{c}": distribution[:, c] for c in range(distribution.shape[1])}
+    return pd.DataFrame(columns)
 
 
 def balance_classes(manifest: pd.DataFrame, num_classes: int, per_class: int) -> pd.DataFrame:
@@ -77,12 +79,19 @@ def class_counts(manifest: pd.DataFrame, num_classes: int) -> list[int]:
     return np.bincount(manifest["label"].to_numpy(dtype=np.int64), minlength=num_classes).tolist()
 
 
+def prob_columns(manifest: pd.DataFrame) -> list[str]:
+    """The soft-label columns of a manifest, in class order; none for hard labels."""
+    columns = [c for c in manifest.columns if str(c).startswith(PROB)]
+    return sorted(columns, key=lambda c: int(c.removeprefix(PROB)))
+
+
 def targets_from_manifest(manifest: pd.DataFrame, num_classes: int) -> torch.Tensor:
     """Probability targets: the stored distribution in soft mode, one-hot otherwise."""
     if len(manifest) == 0:
         return torch.zeros(0, num_classes)
-    if "probs" in manifest.columns:
-        return torch.tensor(np.stack(manifest["probs"].to_numpy()), dtype=torch.float32)
+    columns = prob_columns(manifest)
+    if columns:
+        return torch.tensor(manifest[columns].to_numpy(dtype=np.float32))
     return one_hot(manifest["label"].to_numpy(), num_classes)
 
 
