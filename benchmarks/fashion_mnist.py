@@ -152,7 +152,11 @@ def main() -> None:
                 break
             models, wall = run_loop(cfg, work / f"{name}-{seed}")
             rows += [{"variant": name, "seed": seed, **m, "loop_seconds": wall} for m in models]
-            print(f"{name} seed {seed}: {wall:.0f} s, final test {models[-1]['test_acc']:.4f}")
+            final = [m for m in models if m["promoted"]][-1]
+            print(
+                f"{name} seed {seed}: {wall:.0f} s, final model {final['model']}: "
+                f"test {final['test_acc']:.4f}"
+            )
         if args.ceiling or args.only_ceiling:
             for seed in args.seeds:
                 per_class = 6000 - first.data.val_per_class - 1  # the pool keeps one

@@ -26,7 +26,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   sizes=(--train-images 8192 --pool-images 32768 --repeats 5)
   loop=(--set train.epochs=6)
-  flags=(--data-on-device --channels-last)
+  flags=(--data-on-device)
 fi
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 

@@ -14,7 +14,7 @@ so drifting load hits both alike.
 
     python benchmarks/throughput.py --arch small_resnet --size 28 --channels 1
     python benchmarks/throughput.py --device cuda --arch resnet18 --size 32 --channels 3 \\
-        --data-on-device --channels-last --compile
+        --data-on-device --compile
 """
 
 from __future__ import annotations
@@ -115,9 +115,11 @@ def main() -> None:
     parser.add_argument("--label-batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-on-device", action="store_true")
-    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--skip", default="", help="comma list of train,label,augment")
+    parser.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's top ops of one epoch"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -132,12 +134,10 @@ def main() -> None:
         small_input=True,
         dropout=0.3,
         stochastic_depth=0.2,
-    ).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    ).to(device, memory_format=torch.channels_last)  # the layout the engine trains in
     print(
         f"{args.arch} on {args.channels}x{args.size}x{args.size}, batch {args.batch}, device "
-        f"{device}, data on {home}, channels_last {args.channels_last}, compile "
+        f"{device}, data on {home}, channels_last, compile "
         f"{args.compile}, torch threads {torch.get_num_threads()}, {args.repeats} repeats"
     )
     print(f"{'':16}{'project img/s':>15}{'bare img/s':>13}{'ratio':>8}")
@@ -167,6 +167,14 @@ def main() -> None:
             args.repeats,
         )
         report("training", args.train_images, project_s, bare_s)
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                train_model(ours, data, settings, augment, device)
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
     if "label" not in skip:
         pool = torch.randint(0, 256, (args.pool_images, *shape), dtype=torch.uint8).to(home)

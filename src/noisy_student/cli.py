@@ -41,7 +41,7 @@ def print_table(table: pd.DataFrame) -> None:
             "-" if pd.isna(pl) else f"{pl:.4f}",
             f"{row['val_accuracy']:.4f}",
             f"{row['test_accuracy']:.4f}",
-            "yes" if row["promoted"] else f"no (model {int(row['teacher_iteration'])} teaches on)",
+            "yes" if row["promoted"] else f"no, {int(row['teacher_iteration'])} teaches",
         )
     Console(width=140).print(out)
 

@@ -250,7 +250,9 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         more = train_model(model, labeled_data, finetune, weak, device, val=val_set)
         history += [{**h, "epoch": h["epoch"] + len(history)} for h in more]
     seconds = time.perf_counter() - start
-    val_accuracy = accuracy(_predict(model, data, val, device), _column(val, "label"))
+    val_probs = _predict(model, data, val, device)
+    val_accuracy = accuracy(val_probs, _column(val, "label"))
+    val_loss = _nll(val_probs, _column(val, "label"))
     test = _split(layout, "test")
     test_probs = _predict(model, data, test, device)
     metrics = {
@@ -263,9 +265,10 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         "num_labeled": len(labeled),
         "num_pseudo_labeled": n_pseudo,
         "val_accuracy": val_accuracy,
+        "val_loss": val_loss,
         "test_accuracy": accuracy(test_probs, _column(test, "label")),
         "train_seconds": round(seconds, 3),
-        **_promotion(cfg, layout, teacher_iteration, val_accuracy),
+        **_promotion(cfg, layout, teacher_iteration, val_accuracy, val_loss),
     }
     out = layout.model_dir(iteration)
     save_torch(out / MODEL, save_checkpoint(model.cpu()))
@@ -275,8 +278,8 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     log.info("%s: val %.4f test %.4f", name, metrics["val_accuracy"], metrics["test_accuracy"])
     if not metrics["promoted"]:
         log.warning(
-            "%s does not beat its teacher on validation (%.4f <= %.4f): not promoted, "
-            "model %d goes on teaching",
+            "%s does not beat its teacher on validation (accuracy %.4f vs %.4f): not "
+            "promoted, model %d goes on teaching",
             name,
             val_accuracy,
             metrics["teacher_val_accuracy"],
@@ -285,18 +288,28 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     return out
 
 
+def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true labels."""
+    return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+
+
 def _promotion(
-    cfg: Config, layout: RunLayout, teacher_iteration: int | None, val_accuracy: float
+    cfg: Config,
+    layout: RunLayout,
+    teacher_iteration: int | None,
+    val_accuracy: float,
+    val_loss: float,
 ) -> dict:
     """Whether the new model teaches the next iteration. The teacher (iteration 0) always
-    does; a student under ``promote: if_better`` only when strictly better on validation."""
+    does; a student under ``promote: if_better`` only when better on validation: higher
+    accuracy, or the same accuracy (common on a small validation set) and a lower loss."""
     if teacher_iteration is None:
         return {"teacher_iteration": None, "teacher_val_accuracy": None, "promoted": True}
-    teacher_val = read_json(layout.model_dir(teacher_iteration) / METRICS)["val_accuracy"]
-    better = val_accuracy > teacher_val
+    teacher = read_json(layout.model_dir(teacher_iteration) / METRICS)
+    better = (val_accuracy, -val_loss) > (teacher["val_accuracy"], -teacher["val_loss"])
     return {
         "teacher_iteration": teacher_iteration,
-        "teacher_val_accuracy": teacher_val,
+        "teacher_val_accuracy": teacher["val_accuracy"],
         "promoted": better or cfg.student.promote == "always",
     }
 
