@@ -119,3 +119,9 @@ def test_params_survive_a_yaml_rewrite(tmp_path: Path) -> None:
     text = re.sub(r": '([^']*)'", r": \1", yaml.dump(tree, sort_keys=False))
     (tmp_path / "params.yaml").write_text(text)
     assert load_config(tmp_path / "params.yaml") == load_config(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_are_valid(preset: Path) -> None:
+    cfg = load_config(preset)
+    assert cfg.data.source == "fashion_mnist" and cfg.iterations
