@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from fashion_mnist import parse_sets
 
 from noisy_student.config import load_config
 
@@ -70,11 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(args.params, overrides, args.limit)  # validated before anything starts
+    cfg = load_config(args.params, parse_sets(args.set), args.limit)  # validated first
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         params = tmp / "params.yaml"
