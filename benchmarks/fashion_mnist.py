@@ -48,6 +48,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-ratio": {"student.unlabeled_ratio": None},
     "same-size": {"iterations.2.width": 1.0, "iterations.3.width": 1.0},
     "finetune": {"student.finetune_epochs": 2},
+    "scratch": {"student.init": "scratch"},
+    "weak-teacher": {"teacher.augment": "weak"},
     "promote-always": {"student.promote": "always"},
 }
 
@@ -105,6 +107,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override key=value")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N students")
     parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}")
+    parser.add_argument(
+        "--no-recipe", action="store_true", help="run only the ablations (one per process)"
+    )
     parser.add_argument("--ceiling", action="store_true", help="also train on all labels")
     parser.add_argument("--only-ceiling", action="store_true", help="skip the loops")
     parser.add_argument(
@@ -126,7 +131,7 @@ def main() -> None:
     unknown = set(filter(None, args.ablations.split(","))) - set(ABLATIONS)
     if unknown:
         raise SystemExit(f"--ablations: unknown {sorted(unknown)}; allowed: {list(ABLATIONS)}")
-    variants = {"recipe": {}} | {
+    variants = ({} if args.no_recipe else {"recipe": {}}) | {
         name: ABLATIONS[name] for name in filter(None, args.ablations.split(","))
     }
     # Validate every config before any work.

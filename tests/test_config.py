@@ -102,6 +102,15 @@ def test_smaller_student_across_families_needs_allow_smaller() -> None:
     assert cfg.iterations[1].arch == "efficientnet_b0"
 
 
+def test_student_init_from_teacher_needs_students_of_the_teachers_size() -> None:
+    with pytest.raises(ConfigError, match=r"student\.init: 'teacher' .*iterations\.2 must be"):
+        load_config(None, {"student.init": "teacher"})  # student 2 is wider by default
+    with pytest.raises(ConfigError, match=r"student\.init: .*'scratch' or 'teacher'"):
+        load_config(None, {"student.init": "cold"})
+    cfg = load_config(None, {"student.init": "teacher", "iterations.2.width": 1.0})
+    assert cfg.student.init == "teacher"
+
+
 def test_online_distillation_refuses_mixing() -> None:
     with pytest.raises(ConfigError, match="online.*cutmix_alpha"):
         load_config(None, {"student.distillation": "online", "noise.cutmix_alpha": 1.0})

@@ -185,3 +185,40 @@ def test_frozen_transfer_keeps_the_backbone_bit_identical(
     for key in before:
         if key not in head:
             assert torch.equal(before[key], after[key]), key
+
+
+def test_student_init_from_teacher_starts_from_its_weights(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    """With a learning rate near zero a student changes its weights by almost nothing:
+    started from its teacher it ends next to the teacher; from scratch, far from it. The
+    teacher trains with RandAugment (``teacher.augment: strong``)."""
+
+    def conv_distance(init: str) -> float:
+        cfg = load_config(
+            None,
+            {
+                **TINY,
+                "data.root": tiny_config.data.root,
+                "device": "cpu",
+                "teacher.augment": "strong",
+                "student.init": init,
+                "iterations.1.epochs": 1,
+                "train.lr": 1e-9,
+            },
+            max_iterations=1,
+        )
+        layout = RunLayout(tmp_path / init)
+        prepare(cfg, layout)
+        train(cfg, layout, 0)
+        label_pool(cfg, layout, 1)
+        train(cfg, layout, 1)
+        teacher, student = (
+            torch.load(layout.model_dir(i) / MODEL, weights_only=True)["state_dict"] for i in (0, 1)
+        )
+        convs = [k for k, weight in teacher.items() if weight.ndim == 4]
+        assert convs
+        return max(float((teacher[k] - student[k]).abs().max()) for k in convs)
+
+    assert conv_distance("teacher") < 1e-6
+    assert conv_distance("scratch") > 1e-2

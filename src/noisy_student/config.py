@@ -87,8 +87,10 @@ class ModelSpec(_Strict):
 
 
 class TeacherConfig(ModelSpec):
-    augment: Literal["none", "weak", "classic"] = Field(
-        "weak", description="teacher augmentation: none, weak (crop/flip) or classic"
+    augment: Literal["none", "weak", "classic", "strong"] = Field(
+        "weak",
+        description="teacher augmentation: none, weak (crop/flip), classic, or strong "
+        "(RandAugment with noise.randaugment_ops/magnitude, then crop/flip)",
     )
 
 
@@ -121,6 +123,11 @@ class StudentConfig(_Strict):
     finetune_epochs: int = Field(0, ge=0, description="final epochs on labeled images only")
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune lr / train.lr")
     allow_smaller: bool = Field(False, description="allow students smaller than their teacher")
+    init: Literal["scratch", "teacher"] = Field(
+        "scratch",
+        description="scratch: students start from random weights; teacher: from their "
+        "teacher's weights (same architecture and size), fewer epochs for the same accuracy",
+    )
     promote: Literal["always", "if_better"] = Field(
         "if_better",
         description="if_better: a student that does not beat its teacher on validation does "
@@ -149,6 +156,10 @@ class TrackingConfig(_Strict):
 
 def _describe(spec: ModelSpec) -> str:
     return f"{spec.arch}, width {spec.width:g}, depth {spec.depth:g}"
+
+
+def _size(spec: ModelSpec) -> tuple[str, float, float]:
+    return spec.arch, spec.width, spec.depth
 
 
 def _smaller(student: ModelSpec, teacher: ModelSpec) -> bool:
@@ -197,6 +208,15 @@ class Config(_Strict):
                     f"({_describe(teacher)}), got {_describe(spec)}; set "
                     "student.allow_smaller: true to distill into a smaller model"
                 )
+        if self.student.init == "teacher":
+            for key in keys:
+                spec, teacher = self.iterations[key], self.spec(key - 1)
+                if _size(spec) != _size(teacher) or spec.pretrained is not None:
+                    raise ValueError(
+                        f"student.init: 'teacher' copies the teacher's weights, so "
+                        f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
+                        f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
+                    )
         mixing = self.noise.cutmix_alpha > 0 or self.noise.mixup_alpha > 0
         if self.student.distillation == "online" and mixing:
             raise ValueError(

@@ -208,6 +208,14 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         sc = cfg.student
         loss_fn = student_loss(sc.distillation, sc.alpha, cfg.pseudo_label.temperature)
         ratio = sc.unlabeled_ratio
+        if sc.init == "teacher":
+            start = load_checkpoint(str(layout.model_dir(teacher_iteration) / MODEL))
+            model.load_state_dict(start.state_dict())
+            log.info(
+                "%s starts from the weights of model %d",
+                model_name(iteration, spec),
+                teacher_iteration,
+            )
         if sc.distillation == "online":
             teacher = load_checkpoint(
                 str(layout.model_dir(teacher_iteration) / MODEL),
@@ -216,7 +224,12 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
             )
     else:
         train_data = labeled_data
-        augment = build_augment(cfg.teacher.augment, hflip=cfg.data.hflip)
+        augment = build_augment(
+            cfg.teacher.augment,
+            randaugment_ops=cfg.noise.randaugment_ops,
+            randaugment_magnitude=cfg.noise.randaugment_magnitude,
+            hflip=cfg.data.hflip,
+        )
     val = _split(layout, "val")
     val_set = (data.images, val["image_id"].to_numpy(), _column(val, "label"))
     tc = cfg.train
