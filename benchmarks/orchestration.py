@@ -63,6 +63,15 @@ def _run(cmd: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
@@ -71,9 +80,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    cfg = load_config(args.params, parse_sets(args.set), args.limit)  # validated first
+    sets = parse_sets(args.set)
+    load_config(args.params, sets, args.limit)  # validated before anything starts
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        cfg = load_config(args.params, {"data.root": str(tmp / "data")} | sets, args.limit)
         params = tmp / "params.yaml"
         params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         port = _free_port()
@@ -87,6 +98,8 @@ def main() -> None:
             MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}",
         )
         (tmp / "mlflow").mkdir()
+        # Both runs read one copy of the data, fetched before any clock starts.
+        _run(["noisy-student", "--params", str(params), "-q", "data", "fetch"], env)
         logs = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
         server = subprocess.Popen(
             ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -142,11 +155,9 @@ def main() -> None:
                 )
                 print(f"run {i}: library {library[-1]:.1f} s, prefect {prefect[-1]:.1f} s")
         finally:
-            if worker is not None:
-                worker.terminate()
-                worker.wait(timeout=30)
-            server.terminate()
-            server.wait(timeout=30)
+            for process in (worker, server):
+                if process is not None:
+                    _stop(process)
             logs.close()
     lib, pre = statistics.median(library), statistics.median(prefect)
     print(

@@ -60,3 +60,17 @@ def test_fashion_mnist_benchmark_tabulates_the_loop(tmp_path: Path) -> None:
     assert "supervised, 50 labels (the teacher)" in out
     assert "recipe: final model" in out
     assert (tmp_path / "rows.csv").read_text().count("\n") == 3  # header, teacher, student
+
+
+def test_orchestration_times_prefect_against_the_library() -> None:
+    """A real Prefect server and worker on loopback, a fresh data root, one tiny loop each."""
+    out = bench(
+        "benchmarks/orchestration.py",
+        "--limit", "1",
+        "--repeats", "1",
+        "--set", "teacher.epochs=1",
+        "--set", "train.epochs=1",
+        "--set", "device=cpu",
+    )  # fmt: skip
+    match = re.search(r"library ([\d.]+) s, prefect deployment run ([\d.]+) s", out)
+    assert match and all(float(seconds) > 0 for seconds in match.groups()), out
