@@ -80,11 +80,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    sets = parse_sets(args.set)
-    load_config(args.params, sets, args.limit)  # validated before anything starts
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cfg = load_config(args.params, {"data.root": str(tmp / "data")} | sets, args.limit)
+        # Validated before anything starts; the data goes to this run's own root.
+        overrides = {"data.root": str(tmp / "data")} | parse_sets(args.set)
+        cfg = load_config(args.params, overrides, args.limit)
         params = tmp / "params.yaml"
         params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         port = _free_port()

@@ -208,15 +208,13 @@ class Config(_Strict):
                     f"({_describe(teacher)}), got {_describe(spec)}; set "
                     "student.allow_smaller: true to distill into a smaller model"
                 )
-        if self.student.init == "teacher":
-            for key in keys:
-                spec, teacher = self.iterations[key], self.spec(key - 1)
-                if _size(spec) != _size(teacher) or spec.pretrained is not None:
-                    raise ValueError(
-                        f"student.init: 'teacher' copies the teacher's weights, so "
-                        f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
-                        f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
-                    )
+            same = _size(spec) == _size(teacher) and spec.pretrained is None
+            if self.student.init == "teacher" and not same:
+                raise ValueError(
+                    f"student.init: 'teacher' copies the teacher's weights, so "
+                    f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
+                    f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
+                )
         mixing = self.noise.cutmix_alpha > 0 or self.noise.mixup_alpha > 0
         if self.student.distillation == "online" and mixing:
             raise ValueError(

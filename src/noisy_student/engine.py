@@ -47,7 +47,7 @@ def _autocast(device: torch.device) -> torch.autocast:
 def place(model: nn.Module, device: torch.device) -> nn.Module:
     """Move ``model`` to ``device`` with its conv weights channels-last: convolutions then
     run in the layout oneDNN and cuDNN are fastest in (1.3x the training images/s of the
-    default layout on 2 CPU cores, ``benchmarks/throughput.py --channels-last``)."""
+    default layout on 2 CPU cores, measured with ``benchmarks/throughput.py``)."""
     return model.to(device=device, memory_format=torch.channels_last)
 
 

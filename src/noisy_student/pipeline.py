@@ -208,20 +208,17 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         sc = cfg.student
         loss_fn = student_loss(sc.distillation, sc.alpha, cfg.pseudo_label.temperature)
         ratio = sc.unlabeled_ratio
-        if sc.init == "teacher":
-            start = load_checkpoint(str(layout.model_dir(teacher_iteration) / MODEL))
-            model.load_state_dict(start.state_dict())
-            log.info(
-                "%s starts from the weights of model %d",
-                model_name(iteration, spec),
-                teacher_iteration,
-            )
-        if sc.distillation == "online":
-            teacher = load_checkpoint(
+        if sc.init == "teacher" or sc.distillation == "online":
+            source = load_checkpoint(
                 str(layout.model_dir(teacher_iteration) / MODEL),
                 dropout=0.0,
                 stochastic_depth=0.0,
             )
+            if sc.init == "teacher":  # a copy: the student's own noise is kept
+                model.load_state_dict(source.state_dict())
+                log.info("%s starts from model %d", model_name(iteration, spec), teacher_iteration)
+            if sc.distillation == "online":
+                teacher = source
     else:
         train_data = labeled_data
         augment = build_augment(
