@@ -51,6 +51,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "scratch": {"student.init": "scratch"},
     "weak-teacher": {"teacher.augment": "weak"},
     "promote-always": {"student.promote": "always"},
+    "no-tta": {"pseudo_label.tta": "none"},
 }
 
 

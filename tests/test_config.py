@@ -134,3 +134,12 @@ def test_params_survive_a_yaml_rewrite(tmp_path: Path) -> None:
 def test_presets_are_valid(preset: Path) -> None:
     cfg = load_config(preset)
     assert cfg.data.source == "fashion_mnist" and cfg.iterations
+
+
+def test_hflip_tta_needs_flip_invariant_labels() -> None:
+    with pytest.raises(ConfigError, match=r"pseudo_label\.tta: 'hflip' .*data\.hflip: false"):
+        load_config(None, {"pseudo_label.tta": "hflip"})  # digits: data.hflip is false
+    with pytest.raises(ConfigError, match=r"pseudo_label\.tta: .*'none' or 'hflip'"):
+        load_config(None, {"pseudo_label.tta": "rotate"})
+    cfg = load_config(None, {"pseudo_label.tta": "hflip", "data.hflip": True})
+    assert cfg.pseudo_label.tta == "hflip"

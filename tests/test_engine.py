@@ -4,7 +4,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noisy_student.engine import TrainData, TrainSettings, epoch_batches
+from noisy_student.augment import build_augment
+from noisy_student.engine import TrainData, TrainSettings, epoch_batches, train_model
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
 
 
@@ -68,3 +69,13 @@ def test_only_pseudo_rows_give_kd_alone() -> None:
     everything = torch.ones(4, dtype=torch.bool)
     loss = student_loss("online", 0.9, 1.0)(LOGITS, TARGETS, everything, TEACHER)
     torch.testing.assert_close(loss, kd_loss(LOGITS, TEACHER, 1.0))
+
+
+def test_validation_is_scored_every_val_every_epochs_and_after_the_last() -> None:
+    rows = data(8, 0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    val = (rows.images, np.arange(4), torch.zeros(4, dtype=torch.long))
+    settings = TrainSettings(5, 4, 0.1, 0.0, val_every=2)
+    history = train_model(model, rows, settings, build_augment("none"), torch.device("cpu"), val)
+    scored = [h["epoch"] for h in history if "val_accuracy" in h]
+    assert scored == [2, 4, 5]

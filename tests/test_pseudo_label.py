@@ -103,3 +103,16 @@ def test_balance_duplicates_rare_classes_most_confident_first() -> None:
     assert balanced[balanced["label"] == 0]["image_id"].tolist() == [1, 0, 1, 0, 1]
     assert balanced[balanced["label"] == 1]["image_id"].tolist() == [2] * 5
     assert class_counts(manifest, 2) == [2, 1] and class_counts(balanced, 2) == [5, 5]
+
+
+def test_hflip_tta_averages_the_probabilities_of_each_image_and_its_mirror() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))  # not flip-invariant
+    images = torch.randint(0, 256, (6, 1, 2, 2), dtype=torch.uint8)
+    ids = np.arange(6)
+    manifest = pseudo_label(model, images, ids, torch.device("cpu"), mode="soft", tta="hflip")
+    with torch.no_grad():
+        x = images.float() / 255
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    np.testing.assert_allclose(manifest[prob_columns(manifest)], expected, rtol=1e-5)
+    plain = pseudo_label(model, images, ids, torch.device("cpu"), mode="soft")
+    assert not np.allclose(plain[prob_columns(plain)], expected, rtol=1e-3)

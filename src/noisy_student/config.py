@@ -55,6 +55,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.05, gt=0, description="peak SGD learning rate (cosine decay)")
     weight_decay: float = Field(5e-4, ge=0)
+    val_every: int = Field(
+        1, ge=1, description="score validation every N epochs (and after the last one)"
+    )
 
 
 class ModelSpec(_Strict):
@@ -143,6 +146,9 @@ class PseudoLabelConfig(_Strict):
         None, ge=1, description="pseudo-labels per class after balancing (null: no balancing)"
     )
     batch_size: int = Field(512, ge=1)
+    tta: Literal["none", "hflip"] = Field(
+        "none", description="label with probabilities averaged over each image and its mirror"
+    )
 
 
 class IterationConfig(ModelSpec):
@@ -215,6 +221,11 @@ class Config(_Strict):
                     f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
                     f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
                 )
+        if self.pseudo_label.tta == "hflip" and not self.data.hflip:
+            raise ValueError(
+                "pseudo_label.tta: 'hflip' assumes labels survive a horizontal flip, which "
+                "data.hflip: false denies (digits, text); allowed: 'none', or set data.hflip: true"
+            )
         mixing = self.noise.cutmix_alpha > 0 or self.noise.mixup_alpha > 0
         if self.student.distillation == "online" and mixing:
             raise ValueError(

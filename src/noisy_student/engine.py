@@ -107,6 +107,7 @@ class TrainSettings:
     lr: float
     weight_decay: float
     unlabeled_ratio: float | None = None
+    val_every: int = 1
 
 
 def epoch_batches(
@@ -155,7 +156,8 @@ def train_model(
     return the per-epoch history.
 
     Each batch goes to ``device`` as uint8 and is augmented there. ``loss_fn`` defaults
-    to cross-entropy with every row's target. ``teacher`` (online
+    to cross-entropy with every row's target. ``val`` is scored every
+    ``settings.val_every`` epochs and after the last. ``teacher`` (online
     distillation) sees the clean batch in eval mode; its logits reach ``loss_fn``.
     ``param_groups`` sets per-group learning rates (transfer learning); ``on_train_mode``
     runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
@@ -205,7 +207,7 @@ def train_model(
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_seconds": time.perf_counter() - start,
         }
-        if val is not None:
+        if val is not None and (epoch % settings.val_every == 0 or epoch == settings.epochs):
             images, ids, labels = val
             record["val_accuracy"] = accuracy(predict_proba(model, images, device, ids=ids), labels)
         history.append(record)
@@ -226,17 +228,25 @@ def predict_logits_batches(
     device: torch.device,
     batch_size: int = 512,
     ids: np.ndarray | None = None,
+    hflip: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Stream logits for rows ``ids`` of ``images`` (all rows by default), batch by batch,
     the model in eval mode (no dropout, no drop-path); a memory-mapped pool is read one
-    batch at a time and its pages released after each."""
+    batch at a time and its pages released after each. ``hflip`` (test-time augmentation)
+    averages the probabilities of each image and its mirror and yields their logarithm:
+    logits of the averaged distribution."""
     place(model, device).eval()
     ids = np.arange(len(images)) if ids is None else np.asarray(ids)
     for start in range(0, len(ids), batch_size):
         batch = gather(images, ids[start : start + batch_size])
         release_pages(images)
+        inputs = to_float(batch, device)
         with _autocast(device):
-            yield model(to_float(batch, device)).float().cpu()
+            logits = model(inputs).float()
+            if hflip:
+                views = torch.stack([logits, model(inputs.flip(-1)).float()])
+                logits = views.log_softmax(dim=-1).logsumexp(dim=0) - math.log(2)
+        yield logits.cpu()
 
 
 def predict_proba(

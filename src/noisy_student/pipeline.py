@@ -231,7 +231,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
     val_set = (data.images, val["image_id"].to_numpy(), _column(val, "label"))
     tc = cfg.train
     settings = TrainSettings(
-        cfg.epochs_for(iteration), tc.batch_size, tc.lr, tc.weight_decay, ratio
+        cfg.epochs_for(iteration), tc.batch_size, tc.lr, tc.weight_decay, ratio, tc.val_every
     )
     name = model_name(iteration, spec)
     log.info("training %s on %d images (%d pseudo-labeled)", name, len(train_data), n_pseudo)
@@ -255,6 +255,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
             tc.batch_size,
             tc.lr * cfg.student.finetune_lr_scale,
             tc.weight_decay,
+            val_every=tc.val_every,
         )
         weak = build_augment("weak", hflip=cfg.data.hflip)
         more = train_model(model, labeled_data, finetune, weak, device, val=val_set)
@@ -347,6 +348,7 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         temperature=pc.temperature,
         threshold=pc.threshold,
         batch_size=pc.batch_size,
+        tta=pc.tta,
     )
     hidden = pool.set_index("image_id")["hidden_label"].loc[manifest["image_id"]].to_numpy()
     scored = hidden >= 0
