@@ -7,6 +7,8 @@ import pandas as pd
 import torch
 
 from noisy_student.config import Config, load_config
+from noisy_student.data import load_images
+from noisy_student.engine import predict_proba
 from noisy_student.io import read_json, write_json
 from noisy_student.models import load_checkpoint, num_parameters
 from noisy_student.pipeline import (
@@ -21,6 +23,7 @@ from noisy_student.pipeline import (
     teacher_of,
     train,
 )
+from noisy_student.pseudo_label import targets_from_manifest
 from tests.conftest import TINY
 
 
@@ -127,6 +130,33 @@ def test_label_pool_balances_classes(tiny_config: Config, tmp_path: Path) -> Non
     assert after == [30 if n else 0 for n in before]
     manifest = pd.read_parquet(layout.pseudo_dir(1) / PSEUDO_LABELS)
     assert len(manifest) == stats["num_pseudo_labeled"] == sum(after)
+
+
+def test_label_pool_with_hflip_tta_averages_the_mirrored_views(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_config.model_copy(
+        update={"data": tiny_config.data.model_copy(update={"hflip": True})}
+    )
+    layout = RunLayout(tmp_path)
+    prepare(cfg, layout)
+    train(cfg, layout, 0)
+    manifests = {}
+    for tta in ("none", "hflip"):
+        update = {"pseudo_label": cfg.pseudo_label.model_copy(update={"tta": tta})}
+        label_pool(cfg.model_copy(update=update), layout, 1)
+        manifests[tta] = pd.read_parquet(layout.pseudo_dir(1) / PSEUDO_LABELS)
+    teacher = load_checkpoint(str(layout.model_dir(0) / MODEL), dropout=0.0, stochastic_depth=0.0)
+    data = load_images(cfg.data.source, cfg.data.root)
+    ids = manifests["hflip"]["image_id"].to_numpy()
+    expected = (
+        predict_proba(teacher, data.images, torch.device("cpu"), ids=ids)
+        + predict_proba(teacher, torch.tensor(data.images).flip(-1), torch.device("cpu"), ids=ids)
+    ) / 2
+    torch.testing.assert_close(
+        targets_from_manifest(manifests["hflip"], len(data.classes)), expected, rtol=1e-4, atol=1e-5
+    )
+    assert not manifests["hflip"].equals(manifests["none"])
 
 
 def test_student_with_online_distillation_ratio_and_finetune(
