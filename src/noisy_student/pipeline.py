@@ -348,7 +348,7 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         temperature=pc.temperature,
         threshold=pc.threshold,
         batch_size=pc.batch_size,
-        tta=pc.tta,
+        hflip=pc.tta == "hflip",
     )
     hidden = pool.set_index("image_id")["hidden_label"].loc[manifest["image_id"]].to_numpy()
     scored = hidden >= 0

@@ -21,26 +21,23 @@ def pseudo_label(
     temperature: float = 1.0,
     threshold: float = 0.0,
     batch_size: int = 512,
-    tta: str = "none",
+    hflip: bool = False,
 ) -> pd.DataFrame:
     """Label rows ``image_ids`` of ``images``, streaming batch by batch; keep those whose
-    confidence (max probability at ``temperature``) reaches ``threshold``. ``tta="hflip"``
-    labels with the teacher's probabilities averaged over each image and its mirror (for
-    data whose labels survive a horizontal flip): fewer confident mistakes. Columns:
+    confidence (max probability at ``temperature``) reaches ``threshold``. ``hflip``
+    (test-time augmentation) labels with the teacher's probabilities averaged over each
+    image and its mirror, for data whose labels survive a horizontal flip: fewer confident
+    mistakes. Columns:
     ``image_id``, ``label``, ``confidence`` and, in soft mode, ``prob_0`` ... ``prob_<K-1>``
     (the full distribution, summing to 1; plain float columns hold a large pool in a
     fraction of the memory of one array object per row)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
-    if tta not in ("none", "hflip"):
-        raise ValueError(f"pseudo_label tta {tta!r}; allowed: none, hflip")
     # Kept rows collect as arrays and become one frame at the end: a frame per batch
     # would cost more than a fast model's inference.
     ids, labels, confidences, distributions = [], [], [], []
     start = 0
-    batches = predict_logits_batches(
-        model, images, device, batch_size, image_ids, hflip=tta == "hflip"
-    )
+    batches = predict_logits_batches(model, images, device, batch_size, image_ids, hflip)
     for logits in batches:
         probs = (logits / temperature).softmax(dim=-1)
         confidence, label = probs.max(dim=-1)
