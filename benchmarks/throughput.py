@@ -15,6 +15,7 @@ so drifting load hits both alike.
     python benchmarks/throughput.py --arch small_resnet --size 28 --channels 1
     python benchmarks/throughput.py --device cuda --arch resnet18 --size 32 --channels 3 \\
         --data-on-device --compile
+    python benchmarks/throughput.py --skip train,augment --linear-labeler --pool-images 131072
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-on-device", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--linear-labeler",
+        action="store_true",
+        help="label with a linear model in place of the network: the gap to the bare loop "
+        "is then the labeler's fixed cost per image, which a fast GPU model exposes",
+    )
     parser.add_argument("--skip", default="", help="comma list of train,label,augment")
     parser.add_argument(
         "--profile", action="store_true", help="print torch.profiler's top ops of one epoch"
@@ -179,7 +186,9 @@ def main() -> None:
     if "label" not in skip:
         pool = torch.randint(0, 256, (args.pool_images, *shape), dtype=torch.uint8).to(home)
         ids = np.arange(args.pool_images)
-        labeler = torch.compile(model) if args.compile else model
+        labeler = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 10)).to(device)
+        labeler = labeler if args.linear_labeler else model
+        labeler = torch.compile(labeler) if args.compile else labeler
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "pseudo_labels.parquet"
 
@@ -196,6 +205,8 @@ def main() -> None:
                 args.repeats,
             )
         report("pseudo-labeling", args.pool_images, project_s, bare_s)
+        fixed_us = (project_s - bare_s) / args.pool_images * 1e6
+        print(f"{'':16}labeler's cost over the bare loop: {fixed_us:.2f} us per image")
 
     if "augment" not in skip:
         batched, per_image = measure_augment(

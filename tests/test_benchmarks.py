@@ -37,6 +37,19 @@ def test_throughput_prints_each_ratio_against_its_baseline() -> None:
         assert float(re.search(r"([\d.]+)x", line).group(1)) > 0
 
 
+def test_throughput_reports_the_labelers_fixed_cost_with_a_linear_model() -> None:
+    out = bench(
+        "benchmarks/throughput.py",
+        "--skip", "train,augment",
+        "--linear-labeler",
+        "--pool-images", "512",
+        "--label-batch", "128",
+        "--repeats", "1",
+    )  # fmt: skip
+    assert re.search(r"cost over the bare loop: -?[\d.]+ us per image", out)
+    assert not any(line.startswith("training") for line in out.splitlines())
+
+
 def test_pool_scale_reports_memory_and_time_per_size() -> None:
     out = bench("benchmarks/pool_scale.py", "--sizes", "500", "1500", "--batch", "256")
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from noisy_student.augment import build_augment
-from noisy_student.engine import TrainData, TrainSettings, epoch_batches, train_model
+from noisy_student.engine import TrainData, TrainSettings, epoch_batches, gather, train_model
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
 
 
@@ -17,6 +17,13 @@ def data(n_labeled: int, n_pseudo: int) -> TrainData:
         torch.full((n, 3), 1 / 3),
         torch.arange(n) >= n_labeled,
     )
+
+
+def test_gather_returns_the_rows_asked_for_in_order() -> None:
+    images = torch.arange(6 * 4, dtype=torch.uint8).reshape(6, 1, 2, 2)
+    ids = np.array([4, 0, 4, 2])
+    assert torch.equal(gather(images, ids), images[[4, 0, 4, 2]])
+    assert torch.equal(gather(images.numpy(), ids), images[[4, 0, 4, 2]])
 
 
 def test_batches_without_ratio_are_a_permutation() -> None:

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from noisy_student.io import atomic_path, write_json
+from noisy_student.io import atomic_path, write_json, write_parquet
 
 
 def test_crash_leaves_previous_file_and_no_temp(tmp_path: Path) -> None:
@@ -22,3 +24,15 @@ def test_crash_before_first_write_leaves_nothing(tmp_path: Path) -> None:
         tmp.write_bytes(b"partial")
         raise RuntimeError
     assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_parquet_round_trips_columns_and_dtypes(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {
+            "image_id": np.arange(5),
+            "label": np.array([0, 3, 3, 1, 0]),
+            "prob_0": np.linspace(0, 1, 5, dtype=np.float32),
+        }
+    )
+    write_parquet(tmp_path / "m.parquet", frame)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "m.parquet"), frame)
