@@ -5,7 +5,9 @@ uses (memory-mapped on read), then a fresh process labels the whole pool with th
 project's labeler (``pseudo_label``, soft labels) and writes the manifest, as
 ``noisy-student pseudo-label`` does. A sampler thread reads ``/proc/self/status`` to record
 the process's peak resident memory, split into anonymous memory (what the process holds)
-and file-backed pages (the mapped images, which the kernel can drop at will).
+and file-backed pages (the mapped images, which the kernel can drop at will). Sizes run
+in alternating rounds (``--repeats``) and each figure is the median over rounds: a fresh
+process's peak varies by tens of MiB from run to run, as much as the effect measured.
 
     python benchmarks/pool_scale.py --sizes 10000 200000
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 200_000])
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -108,24 +112,38 @@ def main() -> None:
 
     from noisy_student.data.layout import write_layout
 
-    rows = []
+    runs: dict[int, list[dict]] = {n: [] for n in args.sizes}
     with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
         for n in args.sizes:
-            folder = Path(tmp) / str(n) / "pool"
-            write_layout(folder, [str(c) for c in range(10)], synthetic(n))
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(folder), "--batch", str(args.batch)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            rows.append(json.loads(out.splitlines()[-1]))
+            folders[n] = Path(tmp) / str(n) / "pool"
+            write_layout(folders[n], [str(c) for c in range(10)], synthetic(n))
+        for _ in range(args.repeats):
+            for n in args.sizes:
+                child = [sys.executable, __file__, "--child", str(folders[n])]
+                out = subprocess.run(
+                    [*child, "--batch", str(args.batch)], check=True, capture_output=True, text=True
+                ).stdout
+                runs[n].append(json.loads(out.splitlines()[-1]))
+    rows = [
+        {key: statistics.median(run[key] for run in runs[n]) for key in runs[n][0]}
+        | {
+            "rss_spread_mib": max(r["peak_rss_mib"] for r in runs[n])
+            - min(r["peak_rss_mib"] for r in runs[n])
+        }
+        for n in args.sizes
+    ]
     base = rows[0]
-    print(f"{'pool':>9}{'seconds':>9}{'µs/img':>8}{'peak RSS':>10}{'anon':>8}{'file':>8}  vs first")
+    print(f"median of {args.repeats} fresh processes per size")
+    header = (
+        f"{'pool':>9}{'seconds':>9}{'µs/img':>8}{'peak RSS':>10}{'spread':>8}{'anon':>8}{'file':>8}"
+    )
+    print(f"{header}  vs first")
     for r in rows:
         print(
-            f"{r['pool']:9d}{r['seconds']:9.1f}{1e6 * r['seconds'] / r['pool']:8.0f}"
-            f"{r['peak_rss_mib']:8.0f}Mi{r['peak_anon_mib']:6.0f}Mi{r['peak_file_mib']:6.0f}Mi"
+            f"{int(r['pool']):9d}{r['seconds']:9.1f}{1e6 * r['seconds'] / r['pool']:8.0f}"
+            f"{r['peak_rss_mib']:8.0f}Mi{r['rss_spread_mib']:6.0f}Mi"
+            f"{r['peak_anon_mib']:6.0f}Mi{r['peak_file_mib']:6.0f}Mi"
             f"  RSS {r['peak_rss_mib'] / base['peak_rss_mib'] - 1:+.1%}, "
             f"anon {r['peak_anon_mib'] / base['peak_anon_mib'] - 1:+.1%}, "
             f"time/img {r['seconds'] / r['pool'] / (base['seconds'] / base['pool']):.2f}x"
