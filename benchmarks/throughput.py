@@ -186,8 +186,9 @@ def main() -> None:
     if "label" not in skip:
         pool = torch.randint(0, 256, (args.pool_images, *shape), dtype=torch.uint8).to(home)
         ids = np.arange(args.pool_images)
-        labeler = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 10)).to(device)
-        labeler = labeler if args.linear_labeler else model
+        labeler = model
+        if args.linear_labeler:
+            labeler = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 10)).to(device)
         labeler = torch.compile(labeler) if args.compile else labeler
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "pseudo_labels.parquet"
