@@ -2,7 +2,8 @@
 # The GPU check, under 8 minutes on one H100: the throughput benchmark (bf16 autocast,
 # channels_last, data on the device, then torch.compile) for the small-image family at
 # 28x28x1 and ResNet-18 at 32x32x3, each with its bare-PyTorch baseline in the same
-# process, then one short Fashion-MNIST loop (teacher + one student).
+# process, the labeler's own cost per image (a linear model in place of the network),
+# then one short Fashion-MNIST loop (teacher + one student).
 #
 #   benchmarks/gpu_check.sh          # on a CUDA machine
 #   benchmarks/gpu_check.sh --cpu    # the same steps, scaled down, on CPU
@@ -19,12 +20,14 @@ fashion_dir="${FASHION_DIR:-/usr/share/datasets/fashion-mnist}"
 if [[ "${1:-}" == "--cpu" ]]; then
   device=cpu
   sizes=(--train-images 256 --pool-images 512 --repeats 3)
+  labeler_pool=512
   loop=(--set teacher.epochs=2 --set train.epochs=1 --set pseudo_label.balance=100)
   flags=()
 else
   device=cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   sizes=(--train-images 8192 --pool-images 32768 --repeats 5)
+  labeler_pool=131072
   loop=(--set train.epochs=6)
   flags=(--data-on-device)
 fi
@@ -39,6 +42,9 @@ for model in "small_resnet --size 28 --channels 1" "resnet18 --size 32 --channel
       --compile --skip augment || echo "torch.compile run failed; the eager figures stand"
   fi
 done
+
+"$py" benchmarks/throughput.py --device "$device" --skip train,augment --linear-labeler \
+  --pool-images "$labeler_pool" "${flags[@]}"
 
 time "$py" benchmarks/fashion_mnist.py --device "$device" --source-dir "$fashion_dir" \
   --data-root "$(mktemp -d)" --limit 1 "${loop[@]}" ${FASHION_ARGS:-}

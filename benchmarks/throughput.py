@@ -189,6 +189,7 @@ def main() -> None:
         labeler = model
         if args.linear_labeler:
             labeler = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 10)).to(device)
+            print(f"pseudo-labeling with a linear model in place of {args.arch}")
         labeler = torch.compile(labeler) if args.compile else labeler
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "pseudo_labels.parquet"
@@ -206,8 +207,9 @@ def main() -> None:
                 args.repeats,
             )
         report("pseudo-labeling", args.pool_images, project_s, bare_s)
-        fixed_us = (project_s - bare_s) / args.pool_images * 1e6
-        print(f"{'':16}labeler's cost over the bare loop: {fixed_us:.2f} us per image")
+        if args.linear_labeler:
+            fixed_us = (project_s - bare_s) / args.pool_images * 1e6
+            print(f"{'':16}labeler's cost over the bare loop: {fixed_us:.2f} us per image")
 
     if "augment" not in skip:
         batched, per_image = measure_augment(
