@@ -120,19 +120,17 @@ def main() -> None:
             write_layout(folders[n], [str(c) for c in range(10)], synthetic(n))
         for _ in range(args.repeats):
             for n in args.sizes:
-                child = [sys.executable, __file__, "--child", str(folders[n])]
+                child = ["--child", str(folders[n]), "--batch", str(args.batch)]
                 out = subprocess.run(
-                    [*child, "--batch", str(args.batch)], check=True, capture_output=True, text=True
+                    [sys.executable, __file__, *child], check=True, capture_output=True, text=True
                 ).stdout
                 runs[n].append(json.loads(out.splitlines()[-1]))
-    rows = [
-        {key: statistics.median(run[key] for run in runs[n]) for key in runs[n][0]}
-        | {
-            "rss_spread_mib": max(r["peak_rss_mib"] for r in runs[n])
-            - min(r["peak_rss_mib"] for r in runs[n])
-        }
-        for n in args.sizes
-    ]
+    # median_low: with an even number of rounds each figure is still one measured run's.
+    rows = []
+    for n in args.sizes:
+        peaks = [r["peak_rss_mib"] for r in runs[n]]
+        row = {key: statistics.median_low(r[key] for r in runs[n]) for key in runs[n][0]}
+        rows.append(row | {"rss_spread_mib": max(peaks) - min(peaks)})
     base = rows[0]
     print(f"median of {args.repeats} fresh processes per size")
     header = (
@@ -141,7 +139,7 @@ def main() -> None:
     print(f"{header}  vs first")
     for r in rows:
         print(
-            f"{int(r['pool']):9d}{r['seconds']:9.1f}{1e6 * r['seconds'] / r['pool']:8.0f}"
+            f"{r['pool']:9d}{r['seconds']:9.1f}{1e6 * r['seconds'] / r['pool']:8.0f}"
             f"{r['peak_rss_mib']:8.0f}Mi{r['rss_spread_mib']:6.0f}Mi"
             f"{r['peak_anon_mib']:6.0f}Mi{r['peak_file_mib']:6.0f}Mi"
             f"  RSS {r['peak_rss_mib'] / base['peak_rss_mib'] - 1:+.1%}, "
