@@ -104,6 +104,17 @@ def bare_inference(
                 model(x).float().cpu()
 
 
+def print_profile(fn: Callable[[], object], device: torch.device) -> None:
+    """torch.profiler's top ops of one run of ``fn``, by the time they take themselves."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    for sort in ("self_cpu_time_total", "self_cuda_time_total")[: len(activities)]:
+        print(prof.key_averages().table(sort_by=sort, row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -125,7 +136,9 @@ def main() -> None:
     )
     parser.add_argument("--skip", default="", help="comma list of train,label,augment")
     parser.add_argument(
-        "--profile", action="store_true", help="print torch.profiler's top ops of one epoch"
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top ops of one training epoch and one labeling pass",
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -175,13 +188,7 @@ def main() -> None:
         )
         report("training", args.train_images, project_s, bare_s)
         if args.profile:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                train_model(ours, data, settings, augment, device)
-            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=12))
+            print_profile(lambda: train_model(ours, data, settings, augment, device), device)
 
     if "label" not in skip:
         pool = torch.randint(0, 256, (args.pool_images, *shape), dtype=torch.uint8).to(home)
@@ -194,11 +201,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "pseudo_labels.parquet"
 
+            write_s = []  # the manifest's share of each project run
+
             def project() -> None:
                 labels = pseudo_label(
                     labeler, pool, ids, device, threshold=0.0, batch_size=args.label_batch
                 )
-                write_parquet(manifest, labels)
+                write_s.append(timed(lambda: write_parquet(manifest, labels), device))
 
             project_s, bare_s = alternate(
                 project,
@@ -206,7 +215,11 @@ def main() -> None:
                 device,
                 args.repeats,
             )
+            if args.profile:
+                print_profile(project, device)
         report("pseudo-labeling", args.pool_images, project_s, bare_s)
+        write_us = statistics.median(write_s) / args.pool_images * 1e6
+        print(f"{'':16}of which writing the manifest: {write_us:.2f} us per image")
         if args.linear_labeler:
             fixed_us = (project_s - bare_s) / args.pool_images * 1e6
             print(f"{'':16}labeler's cost over the bare loop: {fixed_us:.2f} us per image")

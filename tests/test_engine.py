@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from noisy_student.augment import build_augment
-from noisy_student.engine import TrainData, TrainSettings, epoch_batches, gather, train_model
+from noisy_student.engine import (
+    TrainData,
+    TrainSettings,
+    epoch_batches,
+    gather,
+    to_host_one_behind,
+    train_model,
+)
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
 
 
@@ -24,6 +31,21 @@ def test_gather_returns_the_rows_asked_for_in_order() -> None:
     ids = np.array([4, 0, 4, 2])
     assert torch.equal(gather(images, ids), images[[4, 0, 4, 2]])
     assert torch.equal(gather(images.numpy(), ids), images[[4, 0, 4, 2]])
+
+
+def test_results_come_back_in_order_one_batch_behind() -> None:
+    """Batch k is handed on only once batch k+1 is queued (on a GPU, the copy of batch k
+    then overlaps its computing), and the last batch is not lost."""
+    queued = []
+
+    def batches():
+        for k in range(3):
+            queued.append(k)
+            yield torch.tensor([k]), torch.tensor([10 * k])
+
+    handed = [(queued.copy(), a.item(), b.item()) for a, b in to_host_one_behind(batches())]
+    assert handed == [([0, 1], 0, 0), ([0, 1, 2], 1, 10), ([0, 1, 2], 2, 20)]
+    assert list(to_host_one_behind(iter([]))) == []
 
 
 def test_batches_without_ratio_are_a_permutation() -> None:

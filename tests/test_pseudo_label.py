@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
@@ -116,3 +117,17 @@ def test_hflip_tta_averages_the_probabilities_of_each_image_and_its_mirror() -> 
     np.testing.assert_allclose(manifest[prob_columns(manifest)], expected, rtol=1e-5)
     plain = pseudo_label(model, images, ids, torch.device("cpu"), mode="soft")
     assert not np.allclose(plain[prob_columns(plain)], expected, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_labels_on_cuda_match_the_cpu_ones_wherever_the_pool_lives() -> None:
+    """The softmax runs on the GPU and results come back a batch behind: same manifest."""
+    cuda = torch.device("cuda")
+    expected = pseudo_label(
+        FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), threshold=0.6, batch_size=3
+    )
+    for pool in (IMAGES.to(cuda), IMAGES.numpy()):
+        manifest = pseudo_label(
+            FixedLogits(LOGITS.to(cuda)), pool, IDS, cuda, threshold=0.6, batch_size=3
+        )
+        pd.testing.assert_frame_equal(manifest, expected, rtol=1e-5)
