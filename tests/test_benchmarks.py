@@ -50,6 +50,19 @@ def test_throughput_reports_the_labelers_fixed_cost_with_a_linear_model() -> Non
     assert not any(line.startswith("training") for line in out.splitlines())
 
 
+def test_label_phases_prints_every_phase_against_the_bare_loop() -> None:
+    out = bench(
+        "benchmarks/label_phases.py",
+        "--pool-images", "512",
+        "--label-batch", "128",
+        "--repeats", "1",
+    )  # fmt: skip
+    phases = ["bare", "bare, one copy", "stream", "stream + per-batch copies", "stream + chunks"]
+    for name in [*phases, "pseudo_label", "pseudo_label + write"]:
+        [line] = [line for line in out.splitlines() if re.match(rf"{re.escape(name)}\s+\d", line)]
+        assert float(re.search(r"([\d.]+)x$", line).group(1)) > 0
+
+
 def test_pool_scale_reports_memory_and_time_per_size() -> None:
     out = bench(
         "benchmarks/pool_scale.py", "--sizes", "500", "1500", "--batch", "256", "--repeats", "2"

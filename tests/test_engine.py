@@ -10,7 +10,7 @@ from noisy_student.engine import (
     TrainSettings,
     epoch_batches,
     gather,
-    to_host_one_behind,
+    in_chunks,
     train_model,
 )
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
@@ -33,19 +33,15 @@ def test_gather_returns_the_rows_asked_for_in_order() -> None:
     assert torch.equal(gather(images.numpy(), ids), images[[4, 0, 4, 2]])
 
 
-def test_results_come_back_in_order_one_batch_behind() -> None:
-    """Batch k is handed on only once batch k+1 is queued (on a GPU, the copy of batch k
-    then overlaps its computing), and the last batch is not lost."""
-    queued = []
-
-    def batches():
-        for k in range(3):
-            queued.append(k)
-            yield torch.tensor([k]), torch.tensor([10 * k])
-
-    handed = [(queued.copy(), a.item(), b.item()) for a, b in to_host_one_behind(batches())]
-    assert handed == [([0, 1], 0, 0), ([0, 1, 2], 1, 10), ([0, 1, 2], 2, 20)]
-    assert list(to_host_one_behind(iter([]))) == []
+def test_chunks_join_consecutive_batches_in_order_on_a_gpu_only() -> None:
+    batches = [torch.arange(k * 3, k * 3 + 3).reshape(3, 1) for k in range(5)]  # 3 values each
+    # The device decides; the joining itself runs on any tensors.
+    chunks = list(in_chunks(iter(batches), torch.device("cuda"), values=7))
+    assert [len(c) for c in chunks] == [9, 6]  # 3 batches reach 7 values; 2 are left over
+    assert torch.equal(torch.cat(chunks).flatten(), torch.arange(15))
+    assert list(in_chunks(iter([]), torch.device("cuda"))) == []
+    passed = list(in_chunks(iter(batches), torch.device("cpu"), values=7))
+    assert len(passed) == 5 and all(a is b for a, b in zip(passed, batches, strict=True))
 
 
 def test_batches_without_ratio_are_a_permutation() -> None:

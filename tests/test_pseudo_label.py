@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+import noisy_student.pseudo_label as pseudo_label_module
+from noisy_student.engine import in_chunks
 from noisy_student.pseudo_label import (
     balance_classes,
     class_counts,
@@ -121,7 +125,7 @@ def test_hflip_tta_averages_the_probabilities_of_each_image_and_its_mirror() -> 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_labels_on_cuda_match_the_cpu_ones_wherever_the_pool_lives() -> None:
-    """The softmax runs on the GPU and results come back a batch behind: same manifest."""
+    """The softmax runs on the GPU and results come back in chunks: the same manifest."""
     cuda = torch.device("cuda")
     expected = pseudo_label(
         FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), threshold=0.6, batch_size=3
@@ -131,3 +135,15 @@ def test_labels_on_cuda_match_the_cpu_ones_wherever_the_pool_lives() -> None:
             FixedLogits(LOGITS.to(cuda)), pool, IDS, cuda, threshold=0.6, batch_size=3
         )
         pd.testing.assert_frame_equal(manifest, expected, rtol=1e-5)
+
+
+def test_ids_stay_with_their_labels_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = pseudo_label(FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), threshold=0.6)
+    # Chunks as on a GPU, of two one-image batches each (6 logits): the ids must follow.
+    as_on_gpu = partial(in_chunks, device=torch.device("cuda"), values=6)
+    monkeypatch.setattr(pseudo_label_module, "in_chunks", lambda batches, _: as_on_gpu(batches))
+    chunked = pseudo_label(
+        FixedLogits(LOGITS), IMAGES, IDS, torch.device("cpu"), threshold=0.6, batch_size=1
+    )
+    assert chunked["image_id"].tolist() == [10, 12, 13]
+    pd.testing.assert_frame_equal(chunked, whole)

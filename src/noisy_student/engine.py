@@ -8,7 +8,7 @@ import mmap
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,9 +237,9 @@ def predict_logits_batches(
     """Stream float32 logits for rows ``ids`` of ``images`` (all rows by default), batch by
     batch, on ``device``: the model in eval mode (no dropout, no drop-path); a
     memory-mapped pool is read one batch at a time and its pages released after each.
-    Nothing here waits for the device, so a GPU can run ahead of the caller. ``hflip``
-    (test-time augmentation) averages the probabilities of each image and its mirror and
-    yields their logarithm: logits of the averaged distribution."""
+    With the images on the device nothing here waits for it, so a GPU runs ahead of the
+    caller. ``hflip`` (test-time augmentation) averages the probabilities of each image
+    and its mirror and yields their logarithm: logits of the averaged distribution."""
     place(model, device).eval()
     ids = np.arange(len(images)) if ids is None else np.asarray(ids)
     rows = torch.as_tensor(ids, device=images.device) if isinstance(images, torch.Tensor) else ids
@@ -255,31 +255,28 @@ def predict_logits_batches(
         yield logits
 
 
-def to_host_one_behind(
-    batches: Iterator[tuple[torch.Tensor, ...]],
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Each batch's tensors on the host, handed on only after the next batch is queued:
-    the copy does not wait, so a GPU computes batch k+1 while the caller works on batch k
-    (waiting for each batch, as ``.cpu()`` does, leaves the GPU idle during that work)."""
-    pending = None
-    for tensors in batches:
-        on_host = tuple(t.to("cpu", non_blocking=True) for t in tensors)
-        copied = torch.cuda.Event() if tensors[0].is_cuda else None
-        if copied is not None:
-            copied.record()
-        if pending is not None:
-            yield _wait(*pending)
-        pending = on_host, copied
-    if pending is not None:
-        yield _wait(*pending)
-
-
-def _wait(
-    tensors: tuple[torch.Tensor, ...], copied: torch.cuda.Event | None
-) -> tuple[torch.Tensor, ...]:
-    if copied is not None:
-        copied.synchronize()
-    return tensors
+def in_chunks(
+    batches: Iterable[torch.Tensor], device: torch.device, values: int = 1 << 24
+) -> Iterator[torch.Tensor]:
+    """On a GPU, consecutive batches joined into chunks of at least ``values`` elements
+    (64 MiB of float32 by default; the last may be smaller), so that the work done on each
+    (a softmax, a copy to the host) runs once per chunk, not once per batch: a GPU labeling
+    half a million small images per second waits on the host's per-batch work
+    (BENCHMARKS.md, section 2). On other devices batches pass one by one: there is no copy
+    to save, and holding them among the model's activations fragmented the heap (peak
+    memory varied by up to 280 MiB from run to run)."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    parts, held = [], 0
+    for batch in batches:
+        parts.append(batch)
+        held += batch.numel()
+        if held >= values:
+            yield torch.cat(parts)
+            parts, held = [], 0
+    if parts:
+        yield torch.cat(parts)
 
 
 def predict_proba(
@@ -291,8 +288,7 @@ def predict_proba(
 ) -> torch.Tensor:
     """Class probabilities on the host, one row per image."""
     batches = predict_logits_batches(model, images, device, batch_size, ids)
-    parts = [logits for (logits,) in to_host_one_behind((logits,) for logits in batches)]
-    return torch.cat(parts).softmax(dim=-1)
+    return torch.cat([chunk.cpu() for chunk in in_chunks(batches, device)]).softmax(dim=-1)
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from noisy_student.engine import Images, predict_logits_batches, to_host_one_behind
+from noisy_student.engine import Images, in_chunks, predict_logits_batches
 
 PROB = "prob_"  # soft-label column prefix: prob_0, prob_1, ...
 
@@ -35,20 +33,23 @@ def pseudo_label(
     fraction of the memory of one array object per row)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
-    # The softmax runs where the model does, and the host thresholds a batch while a GPU
-    # computes the next. Kept rows collect as arrays and become one frame at the end: a
-    # frame per batch would cost more than a fast model's inference.
+    # The softmax runs where the model does, on chunks of many batches. Kept rows collect
+    # as arrays and become one frame at the end: a frame per batch would cost more than a
+    # fast model's inference.
     ids, labels, confidences, distributions = [], [], [], []
     start = 0
     batches = predict_logits_batches(model, images, device, batch_size, image_ids, hflip)
-    for probs, confidence, label in to_host_one_behind(_labels(batches, temperature)):
+    for logits in in_chunks(batches, device):
+        probs = (logits / temperature).softmax(dim=-1)
+        confidence, label = (t.cpu() for t in probs.max(dim=-1))
+        probs = probs.cpu()
         keep = (confidence >= threshold).numpy()
         ids.append(image_ids[start : start + len(probs)][keep])
         start += len(probs)
         labels.append(label.numpy()[keep])
         confidences.append(confidence.numpy()[keep])
         if mode == "soft":
-            distributions.append(probs.numpy()[keep].astype(np.float32))
+            distributions.append(probs.numpy()[keep])
     if not ids:
         return pd.DataFrame(columns=["image_id", "label", "confidence"])
     columns = {
@@ -60,14 +61,6 @@ def pseudo_label(
         distribution = np.concatenate(distributions)
         columns |= {f"{PROB}{c}": distribution[:, c] for c in range(distribution.shape[1])}
     return pd.DataFrame(columns)
-
-
-def _labels(
-    batches: Iterator[torch.Tensor], temperature: float
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for logits in batches:
-        probs = (logits / temperature).softmax(dim=-1)
-        yield probs, *probs.max(dim=-1)
 
 
 def balance_classes(manifest: pd.DataFrame, num_classes: int, per_class: int) -> pd.DataFrame:
