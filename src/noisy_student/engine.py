@@ -263,8 +263,8 @@ def in_chunks(
     (a softmax, a copy to the host) runs once per chunk, not once per batch: a GPU labeling
     half a million small images per second waits on the host's per-batch work
     (BENCHMARKS.md, section 2). On other devices batches pass one by one: there is no copy
-    to save, and holding them among the model's activations fragmented the heap (peak
-    memory varied by up to 280 MiB from run to run)."""
+    to save, and holding them there made peak memory vary by up to 280 MiB from run to
+    run."""
     if device.type != "cuda":
         yield from batches
         return

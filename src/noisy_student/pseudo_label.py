@@ -33,9 +33,9 @@ def pseudo_label(
     fraction of the memory of one array object per row)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"pseudo_label mode {mode!r}; allowed: hard, soft")
-    # The softmax runs where the model does, on chunks of many batches. Kept rows collect
-    # as arrays and become one frame at the end: a frame per batch would cost more than a
-    # fast model's inference.
+    # The softmax runs where the model does, on a GPU over chunks of many batches. Kept rows
+    # collect as arrays and become one frame at the end: a frame per batch would cost more
+    # than a fast model's inference.
     ids, labels, confidences, distributions = [], [], [], []
     start = 0
     batches = predict_logits_batches(model, images, device, batch_size, image_ids, hflip)
