@@ -143,3 +143,11 @@ def test_hflip_tta_needs_flip_invariant_labels() -> None:
         load_config(None, {"pseudo_label.tta": "rotate"})
     cfg = load_config(None, {"pseudo_label.tta": "hflip", "data.hflip": True})
     assert cfg.pseudo_label.tta == "hflip"
+
+
+def test_teacher_cutmix_needs_strong_augmentation() -> None:
+    needs_strong = r"teacher: cutmix_alpha: .*augment: 'strong', got 'weak'"
+    with pytest.raises(ConfigError, match=needs_strong):
+        load_config(None, {"teacher.cutmix_alpha": 1.0})
+    cfg = load_config(None, {"teacher.cutmix_alpha": 1.0, "teacher.augment": "strong"})
+    assert cfg.teacher.cutmix_alpha == 1.0

@@ -4,8 +4,11 @@ import hashlib
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
+from noisy_student import pipeline
+from noisy_student.augment import build_augment
 from noisy_student.config import Config, load_config
 from noisy_student.data import load_images
 from noisy_student.engine import predict_proba
@@ -252,3 +255,31 @@ def test_student_init_from_teacher_starts_from_its_weights(
 
     assert conv_distance("teacher") < 1e-6
     assert conv_distance("scratch") > 1e-2
+
+
+def test_teacher_cutmix_mixes_its_batches(
+    tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``teacher.cutmix_alpha`` reaches the teacher's augmentation, at ``noise.mix_prob``."""
+    calls = []
+
+    def spy(policy: str, **kwargs: object):
+        calls.append((policy, kwargs))
+        return build_augment(policy, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_augment", spy)
+    overrides = {
+        **TINY,
+        "data.root": tiny_config.data.root,
+        "device": "cpu",
+        "teacher.augment": "strong",
+        "teacher.cutmix_alpha": 1.0,
+        "noise.mix_prob": 1.0,
+    }
+    cfg = load_config(None, overrides)
+    layout = RunLayout(tmp_path)
+    prepare(cfg, layout)
+    train(cfg, layout, 0)
+    ((policy, kwargs),) = calls
+    assert policy == "strong"
+    assert kwargs["cutmix_alpha"] == 1.0 and kwargs["mix_prob"] == 1.0

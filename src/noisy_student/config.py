@@ -95,6 +95,21 @@ class TeacherConfig(ModelSpec):
         description="teacher augmentation: none, weak (crop/flip), classic, or strong "
         "(RandAugment with noise.randaugment_ops/magnitude, then crop/flip)",
     )
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix Beta(a, a) on a share noise.mix_prob of the teacher's batches, "
+        "after its strong augmentation; 0: off",
+    )
+
+    @model_validator(mode="after")
+    def _mix_needs_strong(self) -> TeacherConfig:
+        if self.cutmix_alpha > 0 and self.augment != "strong":
+            raise ValueError(
+                f"cutmix_alpha: mixes on top of the strong augmentation, so it needs "
+                f"augment: 'strong', got {self.augment!r}; allowed: 0 with {self.augment!r}"
+            )
+        return self
 
 
 class NoiseConfig(_Strict):

@@ -225,6 +225,8 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
             cfg.teacher.augment,
             randaugment_ops=cfg.noise.randaugment_ops,
             randaugment_magnitude=cfg.noise.randaugment_magnitude,
+            cutmix_alpha=cfg.teacher.cutmix_alpha,
+            mix_prob=cfg.noise.mix_prob,
             hflip=cfg.data.hflip,
         )
     val = _split(layout, "val")
