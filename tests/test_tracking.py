@@ -184,6 +184,9 @@ def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_pat
                 assert image.format == "PNG"
         assert read_json(download(child, "config.json", out)) == logged.cfg.model_dump(mode="json")
         assert read_json(download(child, "classes.json", out)) == [str(d) for d in range(10)]
+    teacher, student = (c.data.params for c in logged.children)
+    assert (teacher["augment"], teacher["cutmix_alpha"]) == (logged.cfg.teacher.augment, "0.0")
+    assert (student["augment"], student["cutmix_alpha"]) == ("strong", "0.0")
 
 
 def test_students_log_their_pseudo_labels(logged: Logged, tmp_path: Path) -> None:

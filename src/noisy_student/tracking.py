@@ -315,7 +315,12 @@ def log_pipeline_run(
                 final = {k: metrics[k] for k in ("test_accuracy", "train_seconds")}
                 final["num_pseudo_labeled"] = metrics["num_pseudo_labeled"]
                 if pseudo is None:
-                    params.update(augment=cfg.teacher.augment, dropout=0.0, stochastic_depth=0.0)
+                    params.update(
+                        augment=cfg.teacher.augment,
+                        cutmix_alpha=cfg.teacher.cutmix_alpha,
+                        dropout=0.0,
+                        stochastic_depth=0.0,
+                    )
                 else:
                     params.update(
                         augment="strong",
