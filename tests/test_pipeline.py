@@ -257,7 +257,7 @@ def test_student_init_from_teacher_starts_from_its_weights(
     assert conv_distance("scratch") > 1e-2
 
 
-def test_teacher_cutmix_mixes_its_batches(
+def test_teacher_cutmix_reaches_its_augmentation(
     tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``teacher.cutmix_alpha`` reaches the teacher's augmentation, at ``noise.mix_prob``."""
