@@ -32,6 +32,7 @@ from noisy_student.config import Config, load_config
 from noisy_student.data import fetch
 from noisy_student.io import read_json
 from noisy_student.report import markdown_table
+from noisy_student.runs import RunLayout
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "fashion_mnist.yaml"
 
@@ -68,7 +69,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def run_loop(cfg: Config, root: Path) -> tuple[list[dict[str, Any]], float]:
     """The whole loop, each step timed; one row per model and the loop's wall time."""
-    layout = pipeline.RunLayout(root)
+    layout = RunLayout(root)
     start = time.perf_counter()
     pipeline.prepare(cfg, layout)
     seconds = {0: 0.0}

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from noisy_student import pipeline
 from noisy_student.config import Config
 from noisy_student.report import markdown_table
+from noisy_student.runs import RunLayout
 from noisy_student.tracking import log_pipeline_run
 
 CACHED = dict(
@@ -21,8 +22,8 @@ CACHED = dict(
 )
 
 
-def _layout(run_dir: str) -> pipeline.RunLayout:
-    return pipeline.RunLayout(run_dir)
+def _layout(run_dir: str) -> RunLayout:
+    return RunLayout(run_dir)
 
 
 @task(name="prepare", task_run_name="prepare", **CACHED)

@@ -14,19 +14,9 @@ from noisy_student.data import load_images
 from noisy_student.engine import predict_proba
 from noisy_student.io import read_json, write_json
 from noisy_student.models import load_checkpoint, num_parameters
-from noisy_student.pipeline import (
-    MODEL,
-    PER_CLASS,
-    PSEUDO_LABELS,
-    RunLayout,
-    label_pool,
-    prepare,
-    run_all,
-    summarize,
-    teacher_of,
-    train,
-)
+from noisy_student.pipeline import label_pool, prepare, run_all, summarize, train
 from noisy_student.pseudo_label import targets_from_manifest
+from noisy_student.runs import MODEL, PER_CLASS, PSEUDO_LABELS, RunLayout, teacher_of
 from tests.conftest import TINY
 
 

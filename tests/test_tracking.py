@@ -20,8 +20,8 @@ from PIL import Image
 from noisy_student import pipeline
 from noisy_student.config import Config, load_config
 from noisy_student.io import read_json, write_json
-from noisy_student.pipeline import RunLayout
 from noisy_student.report import confusion_matrix, markdown_table, per_class_accuracy
+from noisy_student.runs import RunLayout
 from noisy_student.tracking import log_pipeline_run
 from tests.conftest import TINY
 

@@ -13,6 +13,7 @@ import pandas as pd
 from noisy_student import pipeline
 from noisy_student.config import ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.runs import RunLayout
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
-    layout = pipeline.RunLayout(Path(args.run_dir))
+    layout = RunLayout(Path(args.run_dir))
     if args.command == "data":
         source = args.source or cfg.data.source
         options = {

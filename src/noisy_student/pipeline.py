@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from noisy_student.augment import build_augment
-from noisy_student.config import Config, ModelSpec
+from noisy_student.config import Config
 from noisy_student.data import ImageSet, load_images, make_splits
 from noisy_student.engine import (
     TrainData,
@@ -41,59 +40,21 @@ from noisy_student.report import (
     write_per_class_accuracy_png,
     write_report,
 )
+from noisy_student.runs import (
+    HISTORY,
+    METRICS,
+    MODEL,
+    PER_CLASS,
+    PSEUDO_LABELS,
+    RunLayout,
+    final_iteration,
+    model_name,
+    promotion,
+    teacher_of,
+)
 from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_param_groups
 
 log = logging.getLogger(__name__)
-
-MODEL = "model.pt"
-HISTORY = "history.csv"
-METRICS = "metrics.json"
-PSEUDO_LABELS = "pseudo_labels.parquet"
-PER_CLASS = "per_class_accuracy.csv"
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each step's files live inside a run directory."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits"
-
-    def model_dir(self, iteration: int) -> Path:
-        """Iteration 0 is the teacher; iteration i >= 1 is student i."""
-        return self.root / "models" / f"iter_{iteration}"
-
-    def pseudo_dir(self, iteration: int) -> Path:
-        """Pseudo-labels made by the model of ``iteration - 1`` for student ``iteration``."""
-        return self.root / "pseudo" / f"iter_{iteration}"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-
-def model_name(iteration: int, spec: ModelSpec) -> str:
-    role = "teacher" if iteration == 0 else f"student-{iteration}"
-    if spec.arch != "small_resnet":
-        return f"{role} ({spec.arch})"
-    return f"{role} (width x{spec.width:g}, depth x{spec.depth:g})"
-
-
-def teacher_of(cfg: Config, layout: RunLayout, iteration: int) -> int:
-    """The model that teaches student ``iteration``: the model named by
-    ``iterations.<i>.teacher`` if it was promoted, else the model that taught it (a student
-    that did not beat its teacher under ``student.promote: if_better`` teaches no one)."""
-    named = cfg.iterations[iteration].teacher
-    if named == 0:
-        return 0
-    metrics = read_json(layout.model_dir(named) / METRICS)
-    return named if metrics["promoted"] else metrics["teacher_iteration"]
 
 
 def prepare(cfg: Config, layout: RunLayout) -> Path:
@@ -281,7 +242,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         "val_loss": val_loss,
         "test_accuracy": accuracy(test_probs, _column(test, "label")),
         "train_seconds": round(seconds, 3),
-        **_promotion(cfg, layout, teacher_iteration, val_accuracy, val_loss),
+        **promotion(cfg, layout, teacher_iteration, val_accuracy, val_loss),
     }
     out = layout.model_dir(iteration)
     save_torch(out / MODEL, save_checkpoint(model.cpu()))
@@ -304,27 +265,6 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
 def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true labels."""
     return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
-
-
-def _promotion(
-    cfg: Config,
-    layout: RunLayout,
-    teacher_iteration: int | None,
-    val_accuracy: float,
-    val_loss: float,
-) -> dict:
-    """Whether the new model teaches the next iteration. The teacher (iteration 0) always
-    does; a student under ``promote: if_better`` only when better on validation: higher
-    accuracy, or the same accuracy (common on a small validation set) and a lower loss."""
-    if teacher_iteration is None:
-        return {"teacher_iteration": None, "teacher_val_accuracy": None, "promoted": True}
-    teacher = read_json(layout.model_dir(teacher_iteration) / METRICS)
-    better = (val_accuracy, -val_loss) > (teacher["val_accuracy"], -teacher["val_loss"])
-    return {
-        "teacher_iteration": teacher_iteration,
-        "teacher_val_accuracy": teacher["val_accuracy"],
-        "promoted": better or cfg.student.promote == "always",
-    }
 
 
 def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
@@ -381,11 +321,6 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         metrics["pseudo_label_accuracy"],
     )
     return out
-
-
-def final_iteration(table: pd.DataFrame) -> int:
-    """The model the run ends with: the last one promoted."""
-    return int(table.loc[table["promoted"].astype(bool), "iteration"].max())
 
 
 def describe(cfg: Config, table: pd.DataFrame) -> str:

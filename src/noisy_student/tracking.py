@@ -36,15 +36,7 @@ from noisy_student.data import ImageSet, load_images
 from noisy_student.engine import predict_proba, select_device
 from noisy_student.io import read_json, write_json, write_parquet
 from noisy_student.models import load_checkpoint
-from noisy_student.pipeline import (
-    HISTORY,
-    METRICS,
-    MODEL,
-    PSEUDO_LABELS,
-    RunLayout,
-    describe,
-    final_iteration,
-)
+from noisy_student.pipeline import describe
 from noisy_student.report import (
     confusion_matrix,
     markdown_table,
@@ -56,6 +48,7 @@ from noisy_student.report import (
     write_per_class_accuracy_png,
     write_sample_grid_png,
 )
+from noisy_student.runs import HISTORY, METRICS, MODEL, PSEUDO_LABELS, RunLayout, final_iteration
 
 log = logging.getLogger(__name__)
 

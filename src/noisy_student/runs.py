@@ -1,0 +1,90 @@
+"""A run directory and the decisions read from it: where each step's files live, which
+model teaches each student, whether a student is promoted, which model a run ends with.
+Every step and every entry point (the CLI, DVC stages, Prefect tasks, MLflow records) asks
+here, so these rules live in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from noisy_student.config import Config, ModelSpec
+from noisy_student.io import read_json
+
+MODEL = "model.pt"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+PSEUDO_LABELS = "pseudo_labels.parquet"
+PER_CLASS = "per_class_accuracy.csv"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each step's files live inside a run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def model_dir(self, iteration: int) -> Path:
+        """Iteration 0 is the teacher; iteration i >= 1 is student i."""
+        return self.root / "models" / f"iter_{iteration}"
+
+    def pseudo_dir(self, iteration: int) -> Path:
+        """Pseudo-labels made by the model of ``iteration - 1`` for student ``iteration``."""
+        return self.root / "pseudo" / f"iter_{iteration}"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def model_name(iteration: int, spec: ModelSpec) -> str:
+    role = "teacher" if iteration == 0 else f"student-{iteration}"
+    if spec.arch != "small_resnet":
+        return f"{role} ({spec.arch})"
+    return f"{role} (width x{spec.width:g}, depth x{spec.depth:g})"
+
+
+def teacher_of(cfg: Config, layout: RunLayout, iteration: int) -> int:
+    """The model that teaches student ``iteration``: the model named by
+    ``iterations.<i>.teacher`` if it was promoted, else the model that taught it (a student
+    that did not beat its teacher under ``student.promote: if_better`` teaches no one)."""
+    named = cfg.iterations[iteration].teacher
+    if named == 0:
+        return 0
+    metrics = read_json(layout.model_dir(named) / METRICS)
+    return named if metrics["promoted"] else metrics["teacher_iteration"]
+
+
+def promotion(
+    cfg: Config,
+    layout: RunLayout,
+    teacher_iteration: int | None,
+    val_accuracy: float,
+    val_loss: float,
+) -> dict:
+    """Whether the new model teaches the next iteration. The teacher (iteration 0) always
+    does; a student under ``promote: if_better`` only when better on validation: higher
+    accuracy, or the same accuracy (common on a small validation set) and a lower loss."""
+    if teacher_iteration is None:
+        return {"teacher_iteration": None, "teacher_val_accuracy": None, "promoted": True}
+    teacher = read_json(layout.model_dir(teacher_iteration) / METRICS)
+    better = (val_accuracy, -val_loss) > (teacher["val_accuracy"], -teacher["val_loss"])
+    return {
+        "teacher_iteration": teacher_iteration,
+        "teacher_val_accuracy": teacher["val_accuracy"],
+        "promoted": better or cfg.student.promote == "always",
+    }
+
+
+def final_iteration(table: pd.DataFrame) -> int:
+    """The model the run ends with: the last one promoted."""
+    return int(table.loc[table["promoted"].astype(bool), "iteration"].max())
