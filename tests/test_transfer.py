@@ -3,7 +3,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -79,31 +78,25 @@ def test_a_source_for_another_arch_is_refused(tmp_path: Path) -> None:
 
 
 def test_loads_from_mlflow_run_and_registry_uris(tmp_path: Path) -> None:
+    """The weights come from the project checkpoint logged beside the MLflow model
+    (``checkpoint/model.pt``), as the records log every model."""
     import mlflow
-    import mlflow.pytorch
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-    try:
-        experiment = mlflow.create_experiment("t", artifact_location=str(tmp_path / "art"))
-        source = _trained_a_little(build_model(num_classes=6, in_channels=1), 1)
-        example = np.zeros((2, 1, 16, 16), dtype=np.float32)  # pt2 export: a batch of 2
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.pytorch.log_model(
-                source,
-                name="model",
-                input_example=example,
-                registered_model_name="tiny",
-                pip_requirements=["torch"],
-            )
+    from noisy_student.tracking import _log_model, use_experiment
+    from tests.test_tracking import mlflow_store
+
+    source = _trained_a_little(build_model(num_classes=6, in_channels=1), 1)
+    save_torch(tmp_path / "model.pt", save_checkpoint(source, [str(i) for i in range(6)], 16))
+    with mlflow_store(tmp_path):
+        use_experiment("t")
+        with mlflow.start_run() as run:
+            _log_model(tmp_path / "model.pt", "tiny", (1, 16, 16))
         for uri in (f"runs:/{run.info.run_id}/model", "models:/tiny/1"):
             model = build_model(num_classes=2, in_channels=1)
             report = load_pretrained(model, uri)
             assert report.head_replaced and set(report.skipped) == _head_keys(model)
             for key in report.loaded:
                 assert torch.equal(model.state_dict()[key], source.state_dict()[key]), key
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_torchvision_weights_fail_fast_without_network(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -87,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--model",
         required=True,
-        help="MLflow model URI (models:/noisy-student@champion, runs:/<id>/model) "
-        "or a checkpoint path (model.pt)",
+        help="MLflow model URI (models:/noisy-student@champion, runs:/<id>/model), "
+        "a checkpoint path (model.pt) or a downloaded run's folder; only the project's "
+        "checkpoint is ever loaded",
     )
     classify.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     classify.add_argument("--output", help="write a CSV (path, class, class_index, confidence)")
@@ -96,36 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--size",
         type=_positive,
-        help="square input side (default: the MLflow signature's, else 32)",
+        help="square input side, for a checkpoint that does not record its own",
+    )
+    classify.add_argument(
+        "--convert",
+        action="store_true",
+        help="convert colour images for a grey model (and grey for a colour one), with a warning",
+    )
+    classify.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize images of another size to the model's, with a warning",
     )
     classify.add_argument(
         "--batch-size", type=_positive, default=256, help="images per forward pass"
     )
     return parser
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-def image_files(paths: list[str]) -> tuple[list[Path], list[str]]:
-    """Files named directly, and the image files under named folders (recursively, in a
-    fixed order, hidden ones left out); plus the paths that do not exist."""
-    files, missing = [], []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            files += [
-                f
-                for f in sorted(path.rglob("*"), key=lambda f: f.as_posix())
-                if f.is_file()
-                and f.suffix.lower() in IMAGE_SUFFIXES
-                and not any(p.startswith(".") for p in f.relative_to(path).parts)
-            ]
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append(name)
-    return files, missing
 
 
 def _stderr(message: str) -> None:
@@ -135,68 +123,43 @@ def _stderr(message: str) -> None:
 def _class_names(path: str) -> list[str]:
     names = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(names, list):
-        raise ValueError("expected a JSON list of class names")
+        raise ValueError(f"{path}: expected a JSON list of class names")
     return [str(name) for name in names]
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Classify images the way the model saw them in training: PIL-decoded, grey or RGB to
-    match its input channels, resized to its side, scaled to [0, 1]. Unreadable files are
-    skipped and counted; the exit status is 0 when any image was classified."""
-    import pickle
-
-    import numpy as np
-    import torch
-    from mlflow.exceptions import MlflowException
-
-    from noisy_student.data.imagefolder import _decode
+    """``noisy-student predict``: exit 0 when any image was classified, 1 when none could
+    be read, 2 when the model, the images or ``--output`` are refused (before any image
+    is classified)."""
+    from noisy_student.inference import (
+        check_output,
+        classify,
+        image_files,
+        load_inference_model,
+        with_size,
+    )
     from noisy_student.io import write_csv
-    from noisy_student.tracking import load_inference_model
 
     try:
-        model = load_inference_model(args.model)
+        check_output(args.output)
+        model = with_size(load_inference_model(args.model), args.size)
         classes = _class_names(args.classes) if args.classes else model.classes
-    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        files, missing = image_files(args.paths)
+        for name in missing:
+            _stderr(f"skipped {name}: no such file or folder")
+        model = dataclasses.replace(model, classes=classes)
+        _stderr(model.describe())
+        table, skipped = classify(
+            model, files, args.batch_size, convert=args.convert, resize=args.resize, warn=_stderr
+        )
+    except (OSError, ValueError) as err:
         _stderr(str(err))
         return 2
-    except MlflowException as err:
-        _stderr(f"{args.model}: {err.message}")
-        return 2
-    if model.size is not None and args.size not in (None, model.size):
-        _stderr(f"the model takes {model.size}x{model.size} images (its MLflow signature)")
-        return 2
-    size = args.size or model.size or 32
-    mode = "L" if model.in_channels == 1 else "RGB"
-    files, skipped = image_files(args.paths)
-    for name in skipped:
-        _stderr(f"skipped {name}: no such file or folder")
-    rows = []
-    for start in range(0, len(files), args.batch_size):
-        pixels, kept = [], []
-        for path in files[start : start + args.batch_size]:
-            decoded = _decode(path, mode, size)  # as the imagefolder source decodes
-            if isinstance(decoded, str):
-                _stderr(f"skipped {path}: {decoded}")
-                skipped.append(str(path))
-            else:
-                pixels.append(decoded)
-                kept.append(path)
-        if not pixels:
-            continue
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.stack(pixels)).float().div_(255.0)
-            probs = model.module(batch).float().softmax(dim=-1)
-        if classes is not None and len(classes) != probs.shape[1]:
-            _stderr(f"{len(classes)} class names for a model with {probs.shape[1]} outputs")
-            return 2
-        confidence, index = probs.max(dim=-1)
-        for path, i, conf in zip(kept, index.tolist(), confidence.tolist(), strict=True):
-            name = classes[i] if classes is not None else str(i)
-            rows.append({"path": str(path), "class": name, "class_index": i, "confidence": conf})
-    _stderr(f"{len(rows)} images classified, {len(skipped)} skipped")
-    if not rows:
+    for path, reason in skipped:
+        _stderr(f"skipped {path}: {reason}")
+    _stderr(f"{len(table)} images classified, {len(skipped) + len(missing)} skipped")
+    if table.empty:
         return 1
-    table = pd.DataFrame(rows)
     if args.output:
         write_csv(args.output, table)
     else:

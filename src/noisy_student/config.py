@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from noisy_student.data import SOURCES
 from noisy_student.models import ARCHS, parameter_count
@@ -23,8 +25,17 @@ class ConfigError(ValueError):
     """Raised for an invalid ``params.yaml`` or override; the message lists every problem."""
 
 
+# Model size bounds, for params.yaml and for a checkpoint's stored config alike: a
+# small_resnet of width 8 and depth 4 has 39M parameters; beyond, pick a bigger arch.
+MAX_WIDTH = 8.0
+MAX_DEPTH = 4.0
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 4096
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a boolean is not a number (`epochs: true`), nor a string a number or a bool.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(_Strict):
@@ -66,8 +77,12 @@ class ModelSpec(_Strict):
     arch: Literal[ARCHS] = Field(  # type: ignore[valid-type]
         "small_resnet", description="model family or torchvision architecture"
     )
-    width: float = Field(1.0, gt=0, description="channel multiplier (small_resnet)")
-    depth: float = Field(1.0, gt=0, description="blocks-per-stage multiplier (small_resnet)")
+    width: float = Field(
+        1.0, gt=0, le=MAX_WIDTH, description="channel multiplier (small_resnet), at most 8"
+    )
+    depth: float = Field(
+        1.0, gt=0, le=MAX_DEPTH, description="blocks-per-stage multiplier (small_resnet), at most 4"
+    )
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
     pretrained: str | None = Field(
         None,
@@ -171,8 +186,8 @@ class IterationConfig(ModelSpec):
 
 
 class TrackingConfig(_Strict):
-    experiment: str = "noisy-student"
-    registered_model: str = "noisy-student"
+    experiment: str = Field("noisy-student", min_length=1)
+    registered_model: str = Field("noisy-student", min_length=1)
 
 
 def _describe(spec: ModelSpec) -> str:
@@ -208,7 +223,10 @@ class Config(_Strict):
     noise: NoiseConfig = NoiseConfig()
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     student: StudentConfig = StudentConfig()
-    iterations: dict[int, IterationConfig] = Field(default_factory=_default_iterations)
+    # Keys arrive as the quoted strings DVC needs ("1"): the one lax conversion.
+    iterations: dict[Annotated[int, Strict(False)], IterationConfig] = Field(
+        default_factory=_default_iterations
+    )
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -262,9 +280,9 @@ class Config(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
     """Field names allowed at the parent of ``loc``, for unknown-key messages."""
-    model: Any = Config
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):  # a key of ``iterations``
             continue
@@ -274,20 +292,75 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     )
 
 
-def _format(error: ValidationError, source: str) -> str:
-    lines = [f"invalid parameters in {source}:"]
+def _format(error: ValidationError, source: str, root: type[BaseModel] = None) -> str:
+    """One line per problem, naming the key; a single problem fits on one line."""
+    lines = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(loc))
-            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+            allowed = ", ".join(_allowed_keys(loc, root or Config))
+            lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
         elif err["type"] == "value_error":
             message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {message}" if loc else f"  {message}")
+            lines.append(f"{key}: {message}" if loc else message)
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    if len(lines) == 1:
+        return f"invalid parameters in {source}: {lines[0]}"
+    return "\n  ".join([f"invalid parameters in {source}:", *lines])
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` as DVC reads ``params.yaml``: a duplicate key is an error (DVC
+    refuses the file), and ``1e-3`` is a float (YAML 1.2), not the string YAML 1.1 makes."""
+
+
+def _no_duplicates(loader: _ParamsLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (DVC refuses it too; keep one)", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_params_file(path: str | Path) -> Any:
+    """The parsed YAML of ``path``; any problem (a folder, no such file, a syntax error, a
+    tab indenting, a duplicate key) is one ConfigError line naming the file, line and
+    column."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --params takes a YAML file (params.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+    try:
+        return yaml.load(text, Loader=_ParamsLoader) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(filter(None, (err.context, err.problem)))
+        if "\t" in problem or "'\\t'" in problem:
+            problem += " (a tab: indent YAML with spaces)"
+        raise ConfigError(f"{where}: YAML error: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -311,8 +384,7 @@ def load_config(
     source = "defaults"
     if path is not None:
         source = str(path)
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+        raw = read_params_file(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
     bare = [k for k in raw.get("iterations") or {} if not isinstance(k, str)]
@@ -333,3 +405,74 @@ def load_config(
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
+
+
+class CheckpointModel(_Strict):
+    """A checkpoint's stored model config (``models.save_checkpoint``), held to the bounds of
+    ``params.yaml`` before any model is built from it."""
+
+    arch: Literal[ARCHS] = "small_resnet"  # type: ignore[valid-type]
+    num_classes: int = Field(ge=2, le=MAX_CLASSES)
+    in_channels: Literal[1, 3] = 1
+    width: float = Field(1.0, gt=0, le=MAX_WIDTH)
+    depth: float = Field(1.0, gt=0, le=MAX_DEPTH)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    stochastic_depth: float = Field(0.0, ge=0, lt=1)
+    small_input: bool = True
+
+    @model_validator(mode="after")
+    def _scales_small_resnet_only(self) -> CheckpointModel:
+        if self.arch != "small_resnet" and (self.width, self.depth) != (1.0, 1.0):
+            raise ValueError(f"width/depth: only small_resnet scales; {self.arch} has 1 and 1")
+        return self
+
+
+CHECKPOINT_KEYS = ("config", "state_dict", "classes", "image_size")
+
+
+def check_checkpoint(checkpoint: Any, path: str) -> dict[str, Any]:
+    """``checkpoint`` (as ``torch.load`` returned it) if it is one of this project's, its
+    model config within the schema's bounds; else a one-line ValueError naming ``path``.
+    Old checkpoints lack ``arch``/``small_input`` (small_resnet, small input): kept so."""
+    from noisy_student.models import CheckpointError
+
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"{path}: not a noisy-student checkpoint (a dict with 'config' and 'state_dict'), "
+            f"found {found}"
+        )
+    unknown = sorted(str(k) for k in checkpoint if k not in CHECKPOINT_KEYS)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint key {', '.join(unknown)}; allowed: "
+            f"{', '.join(CHECKPOINT_KEYS)}"
+        )
+    config = checkpoint["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config is a {type(config).__name__}, not a mapping")
+    try:
+        CheckpointModel.model_validate(config)
+    except ValidationError as err:
+        message = _format(err, f"{path} (its model config)", CheckpointModel)
+        raise CheckpointError(" ".join(message.split())) from None
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: state_dict is not a mapping of names to tensors")
+    classes = checkpoint.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or len(classes) != config["num_classes"]
+    ):
+        raise CheckpointError(
+            f"{path}: classes must be {config['num_classes']} names (num_classes)"
+        )
+    size = checkpoint.get("image_size")
+    if size is not None and (
+        type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE  # noqa: E721 - bool is no size
+    ):
+        raise CheckpointError(f"{path}: image_size must be an int in 1..{MAX_IMAGE_SIZE}")
+    return checkpoint

@@ -4,6 +4,7 @@ stochastic depth on residual branches) built in and a ``config`` dict that rebui
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -290,9 +291,48 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_checkpoint(model: nn.Module) -> dict[str, Any]:
-    """A checkpoint of plain tensors and numbers, loadable with ``weights_only=True``."""
-    return {"config": dict(model.config), "state_dict": model.state_dict()}
+def save_checkpoint(
+    model: nn.Module, classes: list[str] | None = None, image_size: int | None = None
+) -> dict[str, Any]:
+    """A checkpoint of plain tensors, numbers and strings, loadable with
+    ``weights_only=True``; ``classes`` and ``image_size`` (the square side the model was
+    trained on) let ``predict`` name its classes and refuse images that do not fit."""
+    checkpoint: dict[str, Any] = {"config": dict(model.config), "state_dict": model.state_dict()}
+    if classes is not None:
+        checkpoint["classes"] = [str(c) for c in classes]
+    if image_size is not None:
+        checkpoint["image_size"] = int(image_size)
+    return checkpoint
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this project, or one whose stored model is outside
+    what ``params.yaml`` allows; the message is one line naming the file."""
+
+
+def load_weights_only(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers and strings, never code; a file
+    holding anything else (a pickled model, a payload) is refused in one line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused, it holds more than tensors and numbers (torch.load with "
+            f"weights_only=True: {first})"
+        ) from None
+    except (RuntimeError, EOFError) as err:  # not a torch file, a truncated archive
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+
+
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded without running code and its model config checked
+    against the schema's bounds before anything is built, so a hostile or broken file can
+    neither execute code nor allocate a model of gigabytes."""
+    # Imported here: config imports this module for ARCHS.
+    from noisy_student.config import check_checkpoint
+
+    return check_checkpoint(load_weights_only(path, map_location), path)
 
 
 def load_checkpoint(
@@ -300,7 +340,7 @@ def load_checkpoint(
 ) -> nn.Module:
     """Rebuild a model from :func:`save_checkpoint`; ``noise`` may reset dropout and
     stochastic depth (they have no weights). Checkpoints without an arch are small_resnet."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint(path, map_location)
     model = build_model(**{**ckpt["config"], **noise})
     model.load_state_dict(ckpt["state_dict"])
     return model

@@ -245,7 +245,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         **promotion(cfg, layout, teacher_iteration, val_accuracy, val_loss),
     }
     out = layout.model_dir(iteration)
-    save_torch(out / MODEL, save_checkpoint(model.cpu()))
+    save_torch(out / MODEL, save_checkpoint(model.cpu(), data.classes, data.images.shape[-1]))
     write_csv(out / HISTORY, pd.DataFrame(history))
     write_csv(out / PER_CLASS, _per_class_accuracy(test_probs, test, data.classes))
     write_json(out / METRICS, metrics)

@@ -15,21 +15,17 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.artifacts
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
 import torch
 import torchvision
 import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.models import get_model_info, infer_signature
+from mlflow.models import infer_signature
 
 from noisy_student.config import Config
 from noisy_student.data import ImageSet, load_images
@@ -162,6 +158,8 @@ def _log_model(path: Path, registered_model: str, image_shape: tuple[int, ...]) 
             f"torchvision=={torchvision.__version__.split('+')[0]}",
         ],
     )
+    # What `predict` and `pretrained` load: never the MLflow model, which may be unpickled.
+    mlflow.log_artifact(str(path), "checkpoint")
     return str(info.registered_model_version)
 
 
@@ -374,44 +372,3 @@ def log_pipeline_run(
         _update_aliases(client, registered, promoted, versions)
         log.info("MLflow: parent run %s in %s", parent.info.run_id, tracking_uri())
         return parent.info.run_id
-
-
-@dataclass(frozen=True)
-class InferenceModel:
-    """A model that maps float ``N x C x H x W`` batches in [0, 1] to logits, with what its
-    input must look like and, where recorded, its class names."""
-
-    module: Callable[[torch.Tensor], torch.Tensor]
-    in_channels: int
-    size: int | None  # the square side it was logged with; None: not recorded
-    classes: list[str] | None
-
-
-def _run_classes(run_id: str | None) -> list[str] | None:
-    """The class names logged beside a model (``classes.json`` of its run), if any."""
-    if run_id is None:
-        return None
-    try:
-        classes = mlflow.artifacts.load_dict(f"runs:/{run_id}/classes.json")
-    except MlflowException:
-        return None
-    return [str(c) for c in classes]
-
-
-def load_inference_model(source: str) -> InferenceModel:
-    """A checkpoint file (``save_checkpoint``) or an MLflow model URI (``models:/name@alias``,
-    ``models:/name/version``, ``runs:/<id>/model``), on the CPU, in eval mode."""
-    if Path(source).is_file():
-        model = load_checkpoint(source).eval()
-        return InferenceModel(model, int(model.config["in_channels"]), None, None)
-    mlflow.set_tracking_uri(tracking_uri())
-    info = get_model_info(source)
-    if info.signature is None or not info.signature.inputs.is_tensor_spec():
-        raise ValueError(f"{source}: no tensor input signature to read the image shape from")
-    shape = info.signature.inputs.inputs[0].shape
-    if len(shape) != 4:
-        raise ValueError(f"{source}: expected an N x C x H x W input, the signature has {shape}")
-    size = shape[2] if shape[2] == shape[3] and shape[2] > 0 else None
-    # pt2 models are exported in eval mode (and refuse .eval()); pickled ones load in it.
-    module = mlflow.pytorch.load_model(source)
-    return InferenceModel(module, int(shape[1]), size, _run_classes(info.run_id))

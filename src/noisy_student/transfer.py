@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import urllib.request
 from dataclasses import dataclass, field
@@ -17,7 +18,15 @@ import torch
 import torchvision
 from torch import nn
 
-from noisy_student.models import backbone_parameters, head, head_name
+from noisy_student.config import check_checkpoint
+from noisy_student.models import (
+    CheckpointError,
+    backbone_parameters,
+    head,
+    head_name,
+    load_weights_only,
+    read_checkpoint,
+)
 
 WEIGHTS_HOST = "download.pytorch.org"
 PROBE_TIMEOUT_S = 3.0
@@ -99,14 +108,16 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
 
 
 def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained source {path!r} is not a file; expected a checkpoint path, "
             "'models:/name@alias', 'models:/name/version', 'runs:/<run_id>/model' "
             "or 'torchvision:<WEIGHTS>'"
         )
-    data: Any = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and "state_dict" in data:
+    data: Any = load_weights_only(path)
+    if isinstance(data, dict) and "config" in data:  # a save_checkpoint file: check it
+        data = check_checkpoint(data, path)["state_dict"]
+    elif isinstance(data, dict) and "state_dict" in data:
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path} holds neither a save_checkpoint dict nor a state_dict")
@@ -114,10 +125,17 @@ def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _mlflow_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """The weights of the project checkpoint logged beside an MLflow model; the MLflow model
+    itself is never loaded (its loader may unpickle code)."""
     # Imported here: MLflow takes seconds to import and only this source needs it.
-    import mlflow.pytorch
+    from noisy_student.inference import fetch_checkpoint
 
-    return mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
+    with tempfile.TemporaryDirectory(prefix="noisy-student-pretrained-") as workdir:
+        path = fetch_checkpoint(uri, workdir)
+        try:
+            return read_checkpoint(str(path))["state_dict"]
+        except CheckpointError as err:
+            raise CheckpointError(str(err).replace(str(path), f"{uri} ({path.name})")) from None
 
 
 def _first_conv(model: nn.Module) -> str:
