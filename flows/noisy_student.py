@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow
 
 from noisy_student.config import load_config
+from noisy_student.preflight import preflight
 from tasks import steps
 
 
@@ -22,6 +23,7 @@ def noisy_student(
     ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
     ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps."""
     cfg = load_config(params_file, overrides, max_iterations=iterations)
+    preflight(cfg)  # what this machine or the data cannot give the run, before any task
     config = cfg.model_dump(mode="json")
     run_dir = str(Path(runs_root) / cfg.fingerprint())
     # Cached results point into run_dir: recompute them when it is gone.

@@ -96,6 +96,7 @@ def test_predict_command_with_the_champion_writes_a_csv(champion: Champion, tmp_
     assert result.returncode == 0, result.stderr
     assert "broken.png" in result.stderr
     assert f"{NUM_IMAGES} images classified, 1 skipped" in result.stderr
+    assert f"{CHAMPION}: 1-channel 8x8 images -> 10 classes: 0, 1, 2," in result.stderr
     table = pd.read_csv(out, dtype={"class": str})
     assert table.columns.tolist() == ["path", "class", "class_index", "confidence"]
     assert sorted(table["path"]) == sorted(champion.expected)
@@ -129,3 +130,36 @@ def test_predict_refuses_a_size_the_logged_model_does_not_take(
 ) -> None:
     assert cli.main(["predict", "--model", CHAMPION, "--size", "32", str(champion.images)]) == 2
     assert "takes 8x8 images" in capsys.readouterr().err
+
+
+def test_predict_refuses_images_unlike_the_models_unless_told_to_convert(
+    champion: Champion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A colour photo for a grey model, or another size, is refused before any image is
+    classified; --convert / --resize convert them with a warning."""
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "colour.png")
+    Image.new("L", (16, 16), 128).save(tmp_path / "big.png")
+    model = ["predict", "--model", str(champion.checkpoint)]
+    for name, flag, problem in (
+        ("colour.png", "--convert", "1 colour (3-channel) images for a 1-channel model"),
+        ("big.png", "--resize", "1 images not 8x8"),
+    ):
+        assert cli.main([*model, str(tmp_path / name)]) == 2
+        captured = capsys.readouterr()
+        assert problem in captured.err and flag in captured.err and "classified" not in captured.err
+        assert captured.out == ""
+        assert cli.main([*model, flag, str(tmp_path / name)]) == 0
+        captured = capsys.readouterr()
+        assert f"WARNING: {problem}" in captured.err and "converted" in captured.err
+        assert name in captured.out
+
+
+def test_predict_refuses_an_output_it_cannot_write_before_classifying(
+    champion: Champion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    model = ["predict", "--model", str(champion.checkpoint), str(champion.images)]
+    for output, problem in ((tmp_path, "is a folder"), (tmp_path / "file" / "p.csv", "is a file")):
+        assert cli.main([*model, "--output", str(output)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert problem in line and "--output" in line

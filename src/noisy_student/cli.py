@@ -14,6 +14,7 @@ import pandas as pd
 from noisy_student import pipeline
 from noisy_student.config import ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 
 
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict(args)
     try:
         cfg = load_config(args.params)
+        if args.command not in ("data", "show"):  # fetch makes the data; show only reads
+            preflight(cfg)
     except (ConfigError, FileNotFoundError) as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2

@@ -51,6 +51,11 @@ class DataConfig(_Strict):
     channels: Literal["RGB", "L"] = Field("RGB", description="imagefolder: colour or grey")
     extra: bool = Field(True, description="svhn: add the `extra` split to the unlabeled pool")
     unlabeled: bool = Field(True, description="stl10: add the 100k `unlabeled` split")
+    follow_symlinks: bool = Field(
+        False,
+        description="imagefolder: follow symlinks leading outside the folder (refused and "
+        "listed in skipped.json otherwise)",
+    )
     hflip: bool = Field(False, description="random horizontal flips (not for digits or text)")
     labeled_per_class: int = Field(10, ge=1, description="labeled images per class")
     val_per_class: int = Field(
@@ -358,7 +363,8 @@ def read_params_file(path: str | Path) -> Any:
         problem = " ".join(filter(None, (err.context, err.problem)))
         if "\t" in problem or "'\\t'" in problem:
             problem += " (a tab: indent YAML with spaces)"
-        raise ConfigError(f"{where}: YAML error: {problem}") from None
+        kind = "" if problem.startswith("duplicate key") else "YAML error: "
+        raise ConfigError(f"{where}: {kind}{problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
 

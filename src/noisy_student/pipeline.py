@@ -68,6 +68,7 @@ def prepare(cfg: Config, layout: RunLayout) -> Path:
         cfg.seed,
         partition=data.partition,
         hidden_labels=data.hidden_labels,
+        class_names=data.classes,
     )
     for name, frame in frames.items():
         write_parquet(layout.splits / f"{name}.parquet", frame)

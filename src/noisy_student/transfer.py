@@ -80,9 +80,9 @@ def _download_host() -> tuple[str, int]:
     return WEIGHTS_HOST, 443
 
 
-def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
-    """torchvision's weights ``name`` for ``arch``, from torch's hub cache or downloaded;
-    fails within seconds, not at a network timeout, where the host cannot be reached."""
+def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
+    """torchvision's weights ``name`` for ``arch`` (nothing downloaded); ValueError naming
+    the choices when ``arch`` has none of that name."""
     if arch not in torchvision.models.list_models():
         raise ValueError(f"arch {arch!r} has no torchvision weights; use a checkpoint instead")
     weights_enum = torchvision.models.get_model_weights(arch)
@@ -91,6 +91,13 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
     except KeyError:
         choices = ", ".join(["DEFAULT", *(w.name for w in weights_enum)])
         raise ValueError(f"{arch} has no torchvision weights {name!r}; choose {choices}") from None
+    return weights
+
+
+def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
+    """torchvision's weights ``name`` for ``arch``, from torch's hub cache or downloaded;
+    fails within seconds, not at a network timeout, where the host cannot be reached."""
+    weights = torchvision_weights(arch, name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     message = (
         f"torchvision weights {arch}:{weights.name} are not in the torch hub cache ({cached}) "
@@ -107,7 +114,7 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"{message} ({error})") from error
 
 
-def _file_state_dict(path: str) -> dict[str, torch.Tensor]:
+def file_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained source {path!r} is not a file; expected a checkpoint path, "
@@ -159,8 +166,17 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> LoadRep
     elif source.startswith(("models:/", "runs:/")):
         state = _mlflow_state_dict(source)
     else:
-        state = _file_state_dict(source)
+        state = file_state_dict(source)
+    report, copied = match_state(model, state, source)
+    model.load_state_dict({**model.state_dict(), **copied})
+    return report
 
+
+def match_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """What :func:`load_pretrained` would copy from ``state`` into ``model`` (by name and
+    shape; a model on the meta device will do, to check a source before a run)."""
     own = model.state_dict()
     head_keys = {f"{head_name(model)}.{k}" for k in head(model).state_dict()}
     first_conv = f"{_first_conv(model)}.weight"
@@ -190,9 +206,8 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike[str]) -> LoadRep
             report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(target.shape)}"
     if not copied:
         raise ValueError(f"no tensor of {source} matches the model ({model.config['arch']})")
-    model.load_state_dict({**own, **copied})
     report.loaded = list(copied)
-    return report
+    return report, copied
 
 
 def optimizer_param_groups(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from types import TracebackType
 
@@ -35,8 +36,15 @@ def read_idx(path: str | Path) -> np.ndarray:
     """The whole array of an IDX file, gzipped (``.gz``) or not."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # EOFError: cut short; BadGzipFile: not gzip; zlib.error: corrupt compressed data.
+        what = "truncated" if isinstance(err, EOFError) else "corrupt"
+        raise ValueError(
+            f"{path}: {what} gzip file ({err}); download or install it again"
+        ) from None
     dtype, shape, offset = _header(path, data)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - offset != expected:

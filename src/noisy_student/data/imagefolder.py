@@ -30,15 +30,62 @@ DECODE_CHUNK = 512  # images decoded (in parallel) per batch written
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def _link_problem(path: Path, tree: Path, follow: bool) -> str | None:
+    """Why the symlink ``path`` is not followed, or None: a dangling link, or one leading
+    outside ``tree`` (a tree that reaches elsewhere on the machine is not data anyone
+    chose) unless ``follow``."""
+    target = os.readlink(path)  # as written, so the report is the same on every machine
+    resolved = path.resolve()
+    if not resolved.exists():
+        return f"dangling symlink (to {target})"
+    if not follow and not resolved.is_relative_to(tree):
+        return (
+            f"symlink to {target}, outside the image folder: refused "
+            "(data.follow_symlinks: true follows it)"
+        )
+    return None
+
+
+def _visible_files(
+    folder: Path, tree: Path | None = None, follow: bool = False
+) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files under ``folder`` in a fixed order, leaving out hidden ones (``.DS_Store``,
-    ``.ipynb_checkpoints/``) that no one means as data."""
-    files = (
-        path
-        for path in folder.rglob("*")
-        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
-    )
-    return sorted(files, key=lambda path: path.as_posix())
+    ``.ipynb_checkpoints/``) that no one means as data; and the symlinks not followed,
+    with why (see :func:`_link_problem`; ``tree`` defaults to ``folder``). A folder
+    reached twice through links is walked once."""
+    tree = (tree or folder).resolve()
+    files: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+    walked: set[Path] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        here = Path(top)
+        if here.resolve() in walked:
+            dirs[:] = []
+            continue
+        walked.add(here.resolve())
+        kept = []
+        for name in sorted(dirs):
+            path = here / name
+            if name.startswith("."):
+                continue
+            problem = path.is_symlink() and _link_problem(path, tree, follow)
+            if problem:
+                refused.append((path, problem))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                continue
+            problem = path.is_symlink() and _link_problem(path, tree, follow)
+            if problem:
+                refused.append((path, problem))
+            elif path.is_file():
+                files.append(path)
+    files.sort(key=Path.as_posix)
+    refused.sort(key=lambda item: item[0].as_posix())
+    return files, refused
 
 
 def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
@@ -96,14 +143,14 @@ class _Reader:
 
 
 def _classified(
-    folder: Path, classes: list[str]
+    folder: Path, classes: list[str], tree: Path, follow: bool
 ) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
     """``(file, label)`` for the files under ``folder/<class>/``, and the files lying
-    outside any class folder."""
+    outside any class folder or behind a symlink not followed."""
     label = {name: i for i, name in enumerate(classes)}
     files: list[tuple[Path, int]] = []
-    stray: list[tuple[Path, str]] = []
-    for path in _visible_files(folder):
+    visible, stray = _visible_files(folder, tree, follow)
+    for path in visible:
         if path.parent == folder:
             stray.append((path, "not inside a class folder"))
         else:
@@ -112,10 +159,15 @@ def _classified(
 
 
 def imagefolder(
-    directory: str | Path | None = None, image_size: int = 32, channels: str = "RGB"
+    directory: str | Path | None = None,
+    image_size: int = 32,
+    channels: str = "RGB",
+    follow_symlinks: bool = False,
 ) -> tuple[list[str], Iterator[Batch]]:
     """The classes (the folder names under ``labeled/``, sorted as torchvision's
-    ImageFolder sorts them) and the images of every split, labeled first."""
+    ImageFolder sorts them) and the images of every split, labeled first. A symlink
+    leading outside ``directory`` is refused (listed in ``skipped.json``) unless
+    ``follow_symlinks``; a dangling one is listed there too."""
     if directory is None:
         raise ValueError("source 'imagefolder' needs directory= (holding labeled/, unlabeled/)")
     if channels not in CHANNELS:
@@ -126,10 +178,13 @@ def imagefolder(
     for needed in ("labeled", "unlabeled"):
         if not (root / needed).is_dir():
             raise FileNotFoundError(f"imagefolder: {root / needed} is not a folder")
+    tree = root.resolve()
     classes = sorted(
         entry.name
         for entry in (root / "labeled").iterdir()
-        if entry.is_dir() and not entry.name.startswith(".")
+        if entry.is_dir()
+        and not entry.name.startswith(".")
+        and not (entry.is_symlink() and _link_problem(entry, tree, follow_symlinks))
     )
     if not classes:
         raise ValueError(f"imagefolder: {root / 'labeled'} has no class folder")
@@ -145,10 +200,10 @@ def imagefolder(
                     f"imagefolder: {root / split} has classes not under labeled/: "
                     f"{', '.join(sorted(extra))}"
                 )
-    return classes, _batches(root, classes, channels, image_size)
+    return classes, _batches(root, classes, channels, image_size, follow_symlinks)
 
 
-def _batches(root: Path, classes: list[str], mode: str, size: int) -> Iterator[Batch]:
+def _batches(root: Path, classes: list[str], mode: str, size: int, follow: bool) -> Iterator[Batch]:
     """Every split's batches, checking after "labeled" that each class kept an image and
     after "unlabeled" that the pool is not empty."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -157,7 +212,7 @@ def _batches(root: Path, classes: list[str], mode: str, size: int) -> Iterator[B
         for split, partition in splits:
             if split != "labeled" and not (root / split).is_dir():
                 continue
-            files, stray = _classified(root / split, classes)
+            files, stray = _classified(root / split, classes, root, follow)
             counts = np.zeros(len(classes), dtype=np.int64)
             for batch in reader.batches(partition, files, stray):
                 counts += np.bincount(batch.labels, minlength=len(classes))
@@ -167,9 +222,9 @@ def _batches(root: Path, classes: list[str], mode: str, size: int) -> Iterator[B
                 raise ValueError(
                     f"imagefolder: labeled class(es) {', '.join(empty)} have no readable image"
                 )
-        pool_files = [(path, -1) for path in _visible_files(root / "unlabeled")]
+        pool, refused = _visible_files(root / "unlabeled", root, follow)
         kept = 0
-        for batch in reader.batches("unlabeled", pool_files, []):
+        for batch in reader.batches("unlabeled", [(path, -1) for path in pool], refused):
             kept += len(batch.labels)
             yield batch
         if not kept:

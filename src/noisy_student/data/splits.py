@@ -17,6 +17,7 @@ def make_splits(
     *,
     partition: np.ndarray | None = None,
     hidden_labels: np.ndarray | None = None,
+    class_names: list[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Per class of the "train" partition: ``labeled_per_class`` labeled, then val, then
     test; the rest joins the "unlabeled" partition in the unlabeled pool. The pool's labels
@@ -25,7 +26,7 @@ def make_splits(
     is that split whole, and nothing is drawn from "train" for it.
 
     Without ``partition`` every image is "train", and the split is the same as it has
-    always been for the same seed."""
+    always been for the same seed. ``class_names`` name a class too small in the error."""
     labels = np.asarray(labels)
     if partition is None:
         partition = np.full(len(labels), "train")
@@ -53,8 +54,9 @@ def make_splits(
         # The pool must not be empty: with no "unlabeled" partition, each class leaves one.
         spare = 0 if outside.size else 1
         if len(members) < need + spare:
+            name = repr(class_names[cls]) if class_names is not None else str(cls)
             raise ValueError(
-                f"class {cls} has {len(members)} images in the train partition; "
+                f"class {name} has {len(members)} images in the train partition; "
                 f"{' + '.join(counts)} per class need {need}"
                 + (" and the unlabeled pool at least one more" if spare else "")
             )
