@@ -493,7 +493,12 @@ def test_fetch_checks_source_and_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs directory="):
         fetch("stl10", tmp_path)
     assert source_options("digits") == ()
-    assert source_options("imagefolder") == ("directory", "image_size", "channels")
+    assert source_options("imagefolder") == (
+        "directory",
+        "image_size",
+        "channels",
+        "follow_symlinks",
+    )
 
 
 def test_splits_use_the_folder_partitions(

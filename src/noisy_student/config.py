@@ -297,7 +297,7 @@ def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
     )
 
 
-def _format(error: ValidationError, source: str, root: type[BaseModel] = None) -> str:
+def _format(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     """One line per problem, naming the key; a single problem fits on one line."""
     lines = []
     for err in error.errors():

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ from torch import nn
 
 from noisy_student.data.imagefolder import DECODE_ERRORS, _decode
 from noisy_student.models import CheckpointError, build_model, read_checkpoint
+
+if TYPE_CHECKING:
+    import mlflow
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"  # in every run that logs a model
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -66,8 +70,8 @@ class InferenceModel:
         return head + f"{n} classes: {names}{more}"
 
 
-def _client():  # noqa: ANN202 - mlflow is imported lazily: it takes seconds
-    import mlflow
+def _client() -> mlflow.MlflowClient:
+    import mlflow  # here: it takes seconds to import, and only MLflow sources need it
 
     from noisy_student.tracking import tracking_uri
 
@@ -93,15 +97,19 @@ def run_id_of(uri: str) -> str:
     try:
         if "@" in name:
             name, alias = name.split("@", 1)
-            return _client().get_model_version_by_alias(name, alias).run_id
-        name, _, version = name.rpartition("/")
-        if not name or not version.isdigit():
-            raise ModelSourceError(
-                f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version number>"
-            )
-        return _client().get_model_version(name, version).run_id
+            version = _client().get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name.rpartition("/")
+            if not name or not number.isdigit():
+                raise ModelSourceError(
+                    f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version number>"
+                )
+            version = _client().get_model_version(name, number)
     except MlflowException as err:
         raise ModelSourceError(f"{uri}: {_mlflow_message(err)}") from None
+    if not version.run_id:
+        raise ModelSourceError(f"{uri}: version {version.version} was registered without a run")
+    return version.run_id
 
 
 def checkpoint_exists(uri: str) -> str:
