@@ -160,6 +160,7 @@ def test_predict_command_refuses_a_planted_model_without_a_traceback(
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "models:/planted@champion" in line and "checkpoint/model.pt" in line
+    assert "model/data/model.pth" in line  # what the run holds instead
     assert not planted.marker.exists()
 
 

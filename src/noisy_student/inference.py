@@ -37,6 +37,7 @@ MLFLOW_SCHEMES = ("models:/", "runs:/")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes of one-channel images
 SHOWN_CLASSES = 20
+SHOWN_FILES = 8
 
 
 class ModelSourceError(ValueError):
@@ -123,14 +124,23 @@ def checkpoint_exists(uri: str) -> str:
         found = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
         if CHECKPOINT_ARTIFACT in found:
             return run_id
-        held = sorted(a.path for a in client.list_artifacts(run_id))
+        held = _artifact_files(client, run_id)
     except (MlflowException, OSError) as err:
         raise ModelSourceError(f"{uri}: run {run_id}: {_mlflow_message(err)}") from None
+    shown = ", ".join(held[:SHOWN_FILES]) + (", ..." if len(held) > SHOWN_FILES else "")
     raise ModelSourceError(
-        f"{uri}: run {run_id} has no {CHECKPOINT_ARTIFACT} (found: {', '.join(held) or 'nothing'}"
-        "); only this project's checkpoint is loaded, never a pickled or pyfunc model, which "
+        f"{uri}: run {run_id} has no {CHECKPOINT_ARTIFACT} (found: {shown or 'nothing'}); "
+        "only this project's checkpoint is loaded, never a pickled or pyfunc model, which "
         "could run code"
     )
+
+
+def _artifact_files(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of the run, to say what a run without a checkpoint holds."""
+    files = []
+    for item in client.list_artifacts(run_id, path):
+        files += _artifact_files(client, run_id, item.path) if item.is_dir else [item.path]
+    return sorted(files)
 
 
 def fetch_checkpoint(uri: str, dst: str | Path) -> Path:
