@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -137,6 +136,7 @@ def predict(args: argparse.Namespace) -> int:
         classify,
         image_files,
         load_inference_model,
+        with_classes,
         with_size,
     )
     from noisy_student.io import write_csv
@@ -144,11 +144,10 @@ def predict(args: argparse.Namespace) -> int:
     try:
         check_output(args.output)
         model = with_size(load_inference_model(args.model), args.size)
-        classes = _class_names(args.classes) if args.classes else model.classes
+        model = with_classes(model, _class_names(args.classes) if args.classes else None)
         files, missing = image_files(args.paths)
         for name in missing:
             _stderr(f"skipped {name}: no such file or folder")
-        model = dataclasses.replace(model, classes=classes)
         _stderr(model.describe())
         table, skipped = classify(
             model, files, args.batch_size, convert=args.convert, resize=args.resize, warn=_stderr

@@ -13,6 +13,7 @@ predicts or trains from it. Anything else is refused with one line naming what w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -324,7 +325,6 @@ def classify(
     model: InferenceModel,
     files: list[Path],
     batch_size: int = 256,
-    classes: list[str] | None = None,
     convert: bool = False,
     resize: bool = False,
     warn: Callable[[str], None] = print,
@@ -334,10 +334,7 @@ def classify(
     (path, class, class_index, confidence) and the ``(file, reason)`` skipped as
     unreadable. Images of another channel count or size are refused before any is
     classified unless ``convert`` / ``resize`` allow it (each conversion is warned of)."""
-    names = classes if classes is not None else model.classes
-    n = model.module.config["num_classes"]
-    if names is not None and len(names) != n:
-        raise ValueError(f"{len(names)} class names for a model with {n} outputs")
+    names = model.classes
     if model.size is None:
         raise ValueError(f"{model.source}: records no image size; pass --size")
     kept, skipped, conversions = _fit(model, files, convert, resize)
@@ -377,3 +374,13 @@ def with_size(model: InferenceModel, size: int | None) -> InferenceModel:
             f"the model takes {model.size}x{model.size} images (recorded in its checkpoint)"
         )
     return InferenceModel(model.module, model.in_channels, size, model.classes, model.source)
+
+
+def with_classes(model: InferenceModel, classes: list[str] | None) -> InferenceModel:
+    """``model`` naming its outputs ``classes`` (None: keep the recorded names)."""
+    if classes is None:
+        return model
+    n = model.module.config["num_classes"]
+    if len(classes) != n:
+        raise ValueError(f"{len(classes)} class names for a model with {n} outputs")
+    return dataclasses.replace(model, classes=classes)
