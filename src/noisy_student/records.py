@@ -125,7 +125,7 @@ def _parent_name(client: mlflow.MlflowClient, experiment_id: str, cfg: Config) -
     n = len(cfg.iterations)
     name = f"{cfg.data.source} · {n} student{'s' * (n != 1)} · {cfg.fingerprint()[:6]}"
     taken = client.search_runs([experiment_id], f"attributes.run_name = '{name}'", max_results=1)
-    return f"{name} · {time.strftime('%m-%d %H:%M')}" if taken else name
+    return f"{name} · {time.strftime('%m-%d %H:%M:%S')}" if taken else name
 
 
 def _log_params(client: mlflow.MlflowClient, run_id: str, params: dict[str, Any]) -> None:
