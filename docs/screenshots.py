@@ -42,7 +42,7 @@ def _api(url: str, path: str, body: dict, method: str = "POST") -> dict:
 
 def latest_run(url: str, experiment: str, name: str | None) -> tuple[str, str, list[str]]:
     """Experiment id, the latest parent run (whose name starts with ``name``, if given) and
-    its children, teacher first."""
+    its training children (one per model), teacher first."""
     exp = _api(url, "experiments/get-by-name", {"experiment_name": experiment}, "GET")
     exp_id = exp["experiment"]["experiment_id"]
     runs = _api(url, "runs/search", {"experiment_ids": [exp_id], "max_results": 1000})["runs"]
@@ -57,7 +57,7 @@ def latest_run(url: str, experiment: str, name: str | None) -> tuple[str, str, l
         (
             (int(t["iteration"]), r["info"]["run_id"])
             for r, t in zip(runs, tags, strict=True)
-            if t.get("mlflow.parentRunId") == parent
+            if t.get("mlflow.parentRunId") == parent and t.get("record") == "train"
         ),
     )
     return exp_id, parent, [run_id for _, run_id in children]

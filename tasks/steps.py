@@ -11,11 +11,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
-from noisy_student import pipeline
+from noisy_student import pipeline, records
 from noisy_student.config import Config
 from noisy_student.report import markdown_table
 from noisy_student.runs import RunLayout
-from noisy_student.tracking import log_pipeline_run
 
 CACHED = dict(
     cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=1, retry_delay_seconds=5
@@ -26,6 +25,11 @@ def _layout(run_dir: str) -> RunLayout:
     return RunLayout(run_dir)
 
 
+def _tags() -> dict[str, str]:
+    """The flow run that opened a record (tags are set once, when the run is created)."""
+    return {"prefect_flow_run_id": str(flow_run.id)}
+
+
 @task(name="prepare", task_run_name="prepare", **CACHED)
 def prepare(config: dict[str, Any], run_dir: str) -> str:
     return str(pipeline.prepare(Config.model_validate(config), _layout(run_dir)))
@@ -33,22 +37,23 @@ def prepare(config: dict[str, Any], run_dir: str) -> str:
 
 @task(name="train", task_run_name="train-{iteration}", **CACHED)
 def train(config: dict[str, Any], run_dir: str, iteration: int) -> str:
-    return str(pipeline.train(Config.model_validate(config), _layout(run_dir), iteration))
+    cfg, layout = Config.model_validate(config), _layout(run_dir)
+    return str(records.train_step(cfg, layout, iteration, "prefect", _tags()))
 
 
 @task(name="pseudo-label", task_run_name="pseudo-label-{iteration}", **CACHED)
 def pseudo_label(config: dict[str, Any], run_dir: str, iteration: int) -> str:
-    return str(pipeline.label_pool(Config.model_validate(config), _layout(run_dir), iteration))
+    cfg, layout = Config.model_validate(config), _layout(run_dir)
+    return str(records.label_step(cfg, layout, iteration, "prefect", _tags()))
 
 
 @task(name="report", task_run_name="report", retries=2, retry_delay_seconds=5)
 def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Summarize, record the run in MLflow and publish the iteration table in Prefect."""
+    """Summarize, close the run's MLflow records and publish the iteration table in
+    Prefect."""
     cfg = Config.model_validate(config)
     table = pipeline.summarize(cfg, _layout(run_dir))
-    run_id = log_pipeline_run(
-        cfg, _layout(run_dir), "prefect", extra_tags={"prefect_flow_run_id": str(flow_run.id)}
-    )
+    run_id = records.record_run(cfg, _layout(run_dir), "prefect", _tags())
     create_markdown_artifact(
         markdown=f"## Noisy Student iterations\n\n{pipeline.describe(cfg, table)}\n\n"
         f"{markdown_table(table)}\nMLflow parent run: `{run_id}`",

@@ -1,10 +1,16 @@
-"""MLflow records of a tiny pipeline run: parent metrics by iteration and the summary
-table, per-iteration evaluation and pseudo-label artifacts, registry tags and aliases."""
+"""MLflow records of a tiny pipeline run, recorded step by step as it runs: parent metrics
+by iteration and the summary table, per-iteration evaluation and pseudo-label artifacts,
+registry tags and aliases; re-runs, failures and a second task."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +21,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from noisy_student import pipeline
+from noisy_student import pipeline, records
 from noisy_student.config import Config, load_config
-from noisy_student.io import read_json, write_json
+from noisy_student.data import load_images
+from noisy_student.io import read_json, save_torch, write_json
+from noisy_student.models import load_checkpoint, save_checkpoint
+from noisy_student.registry import registered_model_name, task_key
 from noisy_student.report import confusion_matrix, markdown_table, per_class_accuracy
 from noisy_student.runs import RunLayout
 from noisy_student.tracking import log_pipeline_run
 from tests.conftest import TINY
 
-MODEL_NAME = "noisy-student"
+MODEL_NAME = "tiny-digits"  # set explicitly: the registered model's name as given
 STEP_METRICS = ("val_accuracy", "test_accuracy", "num_pseudo_labeled")
 STUDENT_STEP_METRICS = ("pseudo_label_accuracy", "pseudo_label_mean_confidence")
 
@@ -63,13 +73,20 @@ def mlflow_store(root: Path) -> Iterator[mlflow.MlflowClient]:
             torch.set_num_threads(threads)
 
 
-def tiny_run(root: Path, digits_root: Path) -> tuple[Config, RunLayout]:
+def tiny_config(digits_root: Path, **overrides: object) -> Config:
     """Teacher + one student on the real digits, trained in seconds."""
-    cfg = load_config(
-        None, {**TINY, "data.root": str(digits_root), "device": "cpu"}, max_iterations=1
-    )
-    layout = RunLayout(root / "run")
-    pipeline.run_all(cfg, layout)
+    values = {**TINY, "data.root": str(digits_root), "device": "cpu"}
+    values["tracking.registered_model"] = MODEL_NAME
+    return load_config(None, {**values, **overrides}, max_iterations=1)
+
+
+def tiny_run(root: Path, digits_root: Path, recorded: bool = False) -> tuple[Config, RunLayout]:
+    """The tiny run, its steps recorded in MLflow as they run when ``recorded``."""
+    cfg, layout = tiny_config(digits_root), RunLayout(root / "run")
+    if recorded:
+        pipeline.run_all(cfg, layout, records.train_step, records.label_step)
+    else:
+        pipeline.run_all(cfg, layout)
     return cfg, layout
 
 
@@ -84,12 +101,14 @@ class Logged:
 
 
 def children_of(
-    client: mlflow.MlflowClient, parent: mlflow.entities.Run
+    client: mlflow.MlflowClient, parent: mlflow.entities.Run, record: str = "train"
 ) -> list[mlflow.entities.Run]:
+    """The parent's active child runs of one kind (``train`` or ``pseudo_label``)."""
     runs = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.record = '{record}'",
     )
-    return sorted(runs, key=lambda r: int(r.data.params["iteration"]))
+    return sorted(runs, key=lambda r: int(r.data.tags["iteration"]))
 
 
 def log(client: mlflow.MlflowClient, cfg: Config, layout: RunLayout) -> Logged:
@@ -102,7 +121,7 @@ def log(client: mlflow.MlflowClient, cfg: Config, layout: RunLayout) -> Logged:
 def logged(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Iterator[Logged]:
     root = tmp_path_factory.mktemp("tracking")
     with mlflow_store(root) as client:
-        cfg, layout = tiny_run(root, digits_root)
+        cfg, layout = tiny_run(root, digits_root, recorded=True)
         yield log(client, cfg, layout)
 
 
@@ -129,6 +148,8 @@ def version_of(logged: Logged, iteration: int) -> str:
 
 def test_parent_charts_every_iteration_and_logs_the_summary(logged: Logged, tmp_path: Path) -> None:
     client, parent = logged.client, logged.parent
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"digits · 1 student · {logged.cfg.fingerprint()[:6]}"
     table = pd.read_csv(logged.layout.report / "iterations.csv")
     for name in STEP_METRICS:
         history = sorted(client.get_metric_history(parent.info.run_id, name), key=lambda m: m.step)
@@ -165,11 +186,20 @@ def test_parent_charts_every_iteration_and_logs_the_summary(logged: Logged, tmp_
 
 def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_path: Path) -> None:
     test_size = len(pd.read_parquet(logged.layout.splits / "test.parquet"))
-    assert [c.info.run_name for c in logged.children] == [
-        "teacher (width x1, depth x1)",
-        "student-1 (width x1, depth x1)",
-    ]
-    for child in logged.children:
+    assert [c.info.run_name for c in logged.children] == ["teacher w1 d1", "student-1 w1 d1"]
+    for i, child in enumerate(logged.children):
+        assert child.info.status == "FINISHED"
+        # Logged as it trained: its duration is the training's, not the report's.
+        seconds = read_json(logged.layout.model_dir(i) / "metrics.json")["train_seconds"]
+        assert (child.info.end_time - child.info.start_time) / 1000 >= seconds
+        # Per-epoch metrics under their own keys, step = epoch; results at step = iteration.
+        history = pd.read_csv(logged.layout.model_dir(i) / "history.csv")
+        losses = logged.client.get_metric_history(child.info.run_id, "epoch/train_loss")
+        assert [m.step for m in losses] == history["epoch"].tolist()
+        assert [m.value for m in losses] == pytest.approx(history["train_loss"].tolist())
+        [val] = logged.client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert val.step == i
+        assert child.data.tags["model_version"] == version_of(logged, i)
         out = tmp_path / child.info.run_id
         matrix = np.array(
             read_json(download(child, "evaluation/confusion_matrix.json", out))["matrix"]
@@ -187,13 +217,17 @@ def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_pat
     teacher, student = (c.data.params for c in logged.children)
     assert (teacher["augment"], teacher["cutmix_alpha"]) == (logged.cfg.teacher.augment, "0.0")
     assert (student["augment"], student["cutmix_alpha"]) == ("strong", "0.0")
+    assert (teacher["distillation"], student["distillation"]) == ("none", "none")
 
 
-def test_students_log_their_pseudo_labels(logged: Logged, tmp_path: Path) -> None:
-    teacher, student = logged.children
-    assert not any(
-        p.startswith("pseudo_labels/") for p in artifact_paths(logged.client, teacher.info.run_id)
+def test_labeling_logs_the_pseudo_labels_in_its_own_child(logged: Logged, tmp_path: Path) -> None:
+    [student] = children_of(logged.client, logged.parent, "pseudo_label")
+    assert (student.info.run_name, student.info.status) == ("pseudo-labels 1", "FINISHED")
+    pseudo = read_json(logged.layout.pseudo_dir(1) / "metrics.json")
+    assert student.data.metrics["pseudo_label_accuracy"] == pytest.approx(
+        pseudo["pseudo_label_accuracy"]
     )
+    assert student.data.params["teacher_iteration"] == "0"
     assert {
         "pseudo_labels/confidence_histogram.png",
         "pseudo_labels/class_counts.png",
@@ -235,11 +269,16 @@ def promoted_iteration(layout: RunLayout) -> int:
 
 
 def with_val_accuracy(logged: Logged, root: Path, values: list[float]) -> RunLayout:
-    """A copy of the run whose models score ``values`` on validation; the student is
-    promoted when it beats the teacher."""
+    """A copy of the run whose models (other files: their weights nudged by an amount of
+    this copy's own) score ``values`` on validation; the student is promoted when it beats
+    the teacher."""
     shutil.copytree(logged.layout.root, root)
     layout = RunLayout(root)
     for i, value in enumerate(values):
+        model = load_checkpoint(str(layout.model_dir(i) / "model.pt"))
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-4 * (1 + sum(values)))
+        save_torch(layout.model_dir(i) / "model.pt", save_checkpoint(model))
         path = layout.model_dir(i) / "metrics.json"
         promoted = i == 0 or value > values[0]
         write_json(path, {**read_json(path), "val_accuracy": value, "promoted": promoted})
@@ -264,3 +303,180 @@ def test_champion_moves_only_to_a_strictly_better_model(logged: Logged, tmp_path
     assert moved.aliases == {"teacher": version_of(moved, 0), "champion": version_of(moved, 0)}
     tags = logged.client.get_model_version_by_alias(MODEL_NAME, "champion").tags
     assert tags["val_accuracy"] == str(better)
+
+
+def active_runs(client: mlflow.MlflowClient, experiment_id: str) -> dict[str, str]:
+    """Run id -> status of every run not deleted."""
+    return {r.info.run_id: r.info.status for r in client.search_runs([experiment_id])}
+
+
+def state(logged: Logged) -> tuple[dict[str, str], list[str], list[int]]:
+    """What a re-run must not add to: runs, registered versions, the parent's metric points."""
+    client, parent = logged.client, logged.parent.info.run_id
+    versions = sorted(v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'"))
+    points = [len(client.get_metric_history(parent, k)) for k in STEP_METRICS]
+    return active_runs(client, logged.parent.info.experiment_id), versions, points
+
+
+def test_rerunning_the_report_or_a_step_records_nothing_new(logged: Logged) -> None:
+    before = state(logged)
+    assert log_pipeline_run(logged.cfg, logged.layout, "library") == logged.parent.info.run_id
+    assert state(logged) == before
+    # A forced re-run of the student reproduces its model file: its first record stays.
+    student = logged.children[1]
+    records.train_step(logged.cfg, logged.layout, 1)
+    assert logged.client.get_run(logged.parent.info.run_id).info.status == "RUNNING"
+    assert children_of(logged.client, logged.parent)[1].info.run_id == student.info.run_id
+    assert log_pipeline_run(logged.cfg, logged.layout, "library") == logged.parent.info.run_id
+    assert state(logged) == before
+    assert set(before[0].values()) == {"FINISHED"}
+
+
+def test_a_failing_step_marks_its_child_and_the_parent_failed(
+    logged: Logged, tmp_path: Path
+) -> None:
+    shutil.copytree(logged.layout.root, tmp_path / "run")
+    layout = RunLayout(tmp_path / "run")
+    manifest = layout.pseudo_dir(1) / "pseudo_labels.parquet"
+    saved = manifest.read_bytes()
+    manifest.unlink()
+    with pytest.raises(FileNotFoundError):
+        records.train_step(logged.cfg, layout, 1)
+    key = records.run_key(logged.cfg, layout)
+    [parent] = logged.client.search_runs(
+        [logged.parent.info.experiment_id], f"tags.run_key = '{key}' and tags.record = 'pipeline'"
+    )
+    [failed] = children_of(logged.client, parent)
+    assert (parent.info.status, failed.info.status) == ("FAILED", "FAILED")
+    # Re-run: the same parent, running again; the failed attempt replaced by a finished one.
+    manifest.write_bytes(saved)
+    records.train_step(logged.cfg, layout, 1)
+    assert logged.client.get_run(parent.info.run_id).info.status == "RUNNING"
+    [child] = children_of(logged.client, parent)
+    assert child.info.status == "FINISHED" and child.info.run_id != failed.info.run_id
+    # The same model file as the original run's student: linked, not registered again.
+    assert child.data.tags["model_version"] == version_of(logged, 1)
+
+
+def test_a_second_task_gets_its_own_registered_model_and_champion(
+    logged: Logged, tmp_path: Path, digits_root: Path
+) -> None:
+    default = {"tracking.registered_model": "noisy-student"}
+    first, second = tiny_config(digits_root, **default), tiny_config(digits_root, seed=1, **default)
+    shutil.copytree(logged.layout.root, tmp_path / "a")
+    shutil.copytree(logged.layout.root, tmp_path / "b")
+    a, b = RunLayout(tmp_path / "a"), RunLayout(tmp_path / "b")
+    pipeline.prepare(second, b)  # another validation split: another task
+    pipeline.summarize(second, b)
+    data = load_images("digits", digits_root)
+    tasks = [task_key(first, a, data), task_key(second, b, data)]
+    names = [registered_model_name(first, tasks[0]), registered_model_name(second, tasks[1])]
+    assert names[0] != names[1] and all(n.startswith("noisy-student-digits-") for n in names)
+    log_pipeline_run(first, a, "library")
+    champion = logged.client.get_model_version_by_alias(names[0], "champion")
+    log_pipeline_run(second, b, "library")
+    client = logged.client
+    assert client.get_model_version_by_alias(names[0], "champion").version == champion.version
+    for name, cfg, layout in ((names[0], first, a), (names[1], second, b)):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert {v.tags["task_key"] for v in versions} == {task_key(cfg, layout, data)}
+        assert len(versions) == 2  # a model file in each task's registered model
+    # A name given explicitly holds one task: another task's run is refused before it starts.
+    clash = tiny_config(digits_root, seed=1, **{"tracking.registered_model": names[0]})
+    with pytest.raises(ValueError, match="holds models of another task"):
+        records.open_records(clash, b, "library")
+
+
+def params_file(cfg: Config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def start_cli(params: Path, layout: RunLayout, *args: str) -> subprocess.Popen:
+    """The real ``noisy-student`` command in its own process (the store and the working
+    directory are this process's, so the code and data versions are the same)."""
+    command = [sys.executable, "-m", "noisy_student.cli", "--params", str(params)]
+    return subprocess.Popen(
+        [*command, "--run-dir", str(layout.root), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"exited {process.returncode}: {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def blocked_on_a_lock(pid: int) -> bool:
+    """Whether ``pid`` waits for a file lock (a ``->`` line of /proc/locks)."""
+    return any(
+        "->" in line and str(pid) in line.split()
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_kill_9_during_the_report_then_a_rerun_finishes_the_same_parent(
+    logged: Logged, tmp_path: Path
+) -> None:
+    shutil.copytree(logged.layout.root, tmp_path / "run")
+    layout, params = RunLayout(tmp_path / "run"), params_file(logged.cfg, tmp_path / "p.yaml")
+    lock = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///") + ".registry.lock")
+    # Hold the registry's lock: the report records every step, then waits to move aliases.
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        report = start_cli(params, layout, "report")
+        try:
+            wait_for(lambda: blocked_on_a_lock(report.pid), report)
+        finally:
+            report.kill()  # SIGKILL
+            report.wait()
+    key = records.run_key(logged.cfg, layout)
+    query = f"tags.run_key = '{key}' and tags.record = 'pipeline'"
+    experiment = logged.parent.info.experiment_id
+    [parent] = logged.client.search_runs([experiment], query)
+    assert parent.info.status == "RUNNING"  # killed before it could close it
+    killed = active_runs(logged.client, experiment)
+    assert len(children_of(logged.client, parent)) == 2
+
+    assert log_pipeline_run(logged.cfg, layout, "cli") == parent.info.run_id
+    assert logged.client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert active_runs(logged.client, experiment) == {**killed, parent.info.run_id: "FINISHED"}
+    for name in STEP_METRICS:
+        assert len(logged.client.get_metric_history(parent.info.run_id, name)) == 2
+
+
+def test_metrics_are_live_and_kill_9_during_training_leaves_one_record(
+    logged: Logged, tmp_path: Path, digits_root: Path
+) -> None:
+    cfg = tiny_config(digits_root, **{"teacher.epochs": 25})
+    layout = RunLayout(tmp_path / "run")
+    pipeline.prepare(cfg, layout)
+    train = start_cli(params_file(cfg, tmp_path / "p.yaml"), layout, "train", "--iteration", "0")
+    client = logged.client
+    experiment = logged.parent.info.experiment_id
+    query = f"tags.run_key = '{records.run_key(cfg, layout)}' and tags.record = 'train'"
+
+    def two_epochs_logged() -> bool:
+        runs = client.search_runs([experiment], query)
+        return bool(runs) and len(client.get_metric_history(runs[0].info.run_id, "epoch/lr")) >= 2
+
+    try:
+        wait_for(two_epochs_logged, train)
+        [child] = client.search_runs([experiment], query)
+        assert child.info.status == "RUNNING"
+        assert not (layout.model_dir(0) / "model.pt").exists()  # still training
+    finally:
+        train.kill()
+        train.wait()
+    records.train_step(cfg, layout, 0)
+    [finished] = client.search_runs([experiment], query)  # the killed attempt is gone
+    assert finished.info.status == "FINISHED" and finished.info.run_id != child.info.run_id
+    epochs = client.get_metric_history(finished.info.run_id, "epoch/lr")
+    assert sorted(m.step for m in epochs) == list(range(1, 26))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -70,25 +72,32 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("validate", help="validate the params file and print the resolved config")
     sub.add_parser("prepare", help="split into labeled / unlabeled / val / test manifests")
+    steps = []
     for name, text in (
         ("train", "train the teacher (0) or student i"),
         ("pseudo-label", "label the pool with model i-1 for student i"),
     ):
         step = sub.add_parser(name, help=text)
         step.add_argument("--iteration", type=int, required=True)
-    report = sub.add_parser("report", help="summarize the run, print the table, log to MLflow")
-    report.add_argument(
-        "--entry-point", default="cli", help="recorded as the MLflow tag entry_point"
-    )
-    report.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+        steps.append(step)
+    steps.append(sub.add_parser("report", help="summarize, print the table, close the records"))
     sub.add_parser("show", help="print the iteration table of a finished run")
-    run = sub.add_parser("run", help="run every step in this process (no DVC, no Prefect)")
-    run.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    steps.append(sub.add_parser("run", help="run every step in this process (no DVC, Prefect)"))
+    for step in steps:
+        step.add_argument(
+            "--entry-point",
+            help="recorded as the MLflow tag entry_point (default: dvc in a DVC stage, else cli)",
+        )
+        step.add_argument(
+            "--no-mlflow",
+            action="store_true",
+            help="record nothing in MLflow (also: NOISY_STUDENT_MLFLOW=off)",
+        )
     classify = sub.add_parser("predict", help="classify image files or folders with a model")
     classify.add_argument(
         "--model",
         required=True,
-        help="MLflow model URI (models:/noisy-student@champion, runs:/<id>/model), "
+        help="MLflow model URI (models:/<registered model>@champion, runs:/<id>/model), "
         "a checkpoint path (model.pt) or a downloaded run's folder; only the project's "
         "checkpoint is ever loaded",
     )
@@ -168,6 +177,31 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
+    """A pipeline step, recorded in MLflow as it runs unless told not to."""
+    train, label, record = pipeline.train, pipeline.label_pool, False
+    if not args.no_mlflow:
+        from noisy_student import records
+
+        record = records.enabled()
+    if record:
+        entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
+        train = partial(records.train_step, entry_point=entry_point)
+        label = partial(records.label_step, entry_point=entry_point)
+    if args.command == "train":
+        train(cfg, layout, args.iteration)
+    elif args.command == "pseudo-label":
+        label(cfg, layout, args.iteration)
+    else:
+        if args.command == "run":
+            pipeline.run_all(cfg, layout, train_step=train, label_step=label)
+        table = pipeline.summarize(cfg, layout)
+        print_table(table)
+        if record:
+            records.record_run(cfg, layout, entry_point)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -202,18 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "prepare":
         pipeline.prepare(cfg, layout)
-    elif args.command == "train":
-        pipeline.train(cfg, layout, args.iteration)
-    elif args.command == "pseudo-label":
-        pipeline.label_pool(cfg, layout, args.iteration)
-    elif args.command in ("report", "run"):
-        if args.command == "run":
-            pipeline.run_all(cfg, layout)
-        print_table(pipeline.summarize(cfg, layout))
-        if not args.no_mlflow:
-            from noisy_student.tracking import log_pipeline_run
-
-            log_pipeline_run(cfg, layout, getattr(args, "entry_point", "library"))
+    elif args.command in ("train", "pseudo-label", "report", "run"):
+        return _step(args, cfg, layout)
     elif args.command == "show":
         print_table(pd.read_csv(layout.report / "iterations.csv"))
     return 0

@@ -155,6 +155,7 @@ def train_model(
     param_groups: list[dict[str, Any]] | None = None,
     teacher: nn.Module | None = None,
     on_train_mode: Callable[[nn.Module], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train on ``data`` with SGD (Nesterov momentum) and a per-step cosine schedule;
     return the per-epoch history.
@@ -165,6 +166,7 @@ def train_model(
     distillation) sees the clean batch in eval mode; its logits reach ``loss_fn``.
     ``param_groups`` sets per-group learning rates (transfer learning); ``on_train_mode``
     runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
+    ``on_epoch`` gets each epoch's history record as soon as it is complete (live tracking).
     """
     loss_fn = loss_fn or student_loss("none")
     place(model, device)
@@ -215,6 +217,8 @@ def train_model(
             images, ids, labels = val
             record["val_accuracy"] = accuracy(predict_proba(model, images, device, ids=ids), labels)
         history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         log.info(
             "epoch %d/%d  loss %.4f  val_acc %s",
             epoch,

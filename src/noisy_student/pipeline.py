@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +130,16 @@ def _per_class_accuracy(probs: torch.Tensor, split: pd.DataFrame, classes: list[
     return pd.DataFrame(rows)
 
 
-def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
+def train(
+    cfg: Config,
+    layout: RunLayout,
+    iteration: int,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> Path:
     """Train the teacher (iteration 0: labeled data, no noise) or student ``iteration``
     (labeled + pseudo-labeled data, RandAugment + dropout + stochastic depth, optionally
-    CutMix/MixUp, distillation and a final fine-tune on the labeled data)."""
+    CutMix/MixUp, distillation and a final fine-tune on the labeled data). ``on_epoch``
+    gets each epoch's history record as it completes, fine-tune epochs numbered on."""
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
     data = load_images(cfg.data.source, cfg.data.root)
@@ -211,6 +218,7 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         param_groups=optimizer_param_groups(model, spec.transfer, tc.lr, spec.backbone_lr_scale),
         teacher=teacher,
         on_train_mode=apply_freeze if spec.transfer == "freeze" else None,
+        on_epoch=on_epoch,
     )
     if student and cfg.student.finetune_epochs:
         log.info("fine-tuning %s on the labeled images", name)
@@ -222,8 +230,21 @@ def train(cfg: Config, layout: RunLayout, iteration: int) -> Path:
             val_every=tc.val_every,
         )
         weak = build_augment("weak", hflip=cfg.data.hflip)
-        more = train_model(model, labeled_data, finetune, weak, device, val=val_set)
-        history += [{**h, "epoch": h["epoch"] + len(history)} for h in more]
+        done = len(history)
+
+        def renumbered(record: dict) -> dict:
+            return {**record, "epoch": record["epoch"] + done}
+
+        more = train_model(
+            model,
+            labeled_data,
+            finetune,
+            weak,
+            device,
+            val=val_set,
+            on_epoch=None if on_epoch is None else lambda r: on_epoch(renumbered(r)),
+        )
+        history += [renumbered(h) for h in more]
     seconds = time.perf_counter() - start
     val_probs = _predict(model, data, val, device)
     val_accuracy = accuracy(val_probs, _column(val, "label"))
@@ -402,11 +423,18 @@ def summarize(cfg: Config, layout: RunLayout) -> pd.DataFrame:
     return table
 
 
-def run_all(cfg: Config, layout: RunLayout) -> pd.DataFrame:
-    """The whole loop in one process: prepare, teacher, then label -> student per iteration."""
+Step = Callable[[Config, RunLayout, int], Path]
+
+
+def run_all(
+    cfg: Config, layout: RunLayout, train_step: Step = train, label_step: Step = label_pool
+) -> pd.DataFrame:
+    """The whole loop in one process: prepare, teacher, then label -> student per iteration.
+    ``train_step`` and ``label_step`` wrap ``train`` and ``label_pool`` (say, to record
+    each step in MLflow as it runs)."""
     prepare(cfg, layout)
-    train(cfg, layout, 0)
+    train_step(cfg, layout, 0)
     for iteration in sorted(cfg.iterations):
-        label_pool(cfg, layout, iteration)
-        train(cfg, layout, iteration)
+        label_step(cfg, layout, iteration)
+        train_step(cfg, layout, iteration)
     return summarize(cfg, layout)

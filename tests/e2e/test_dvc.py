@@ -58,15 +58,20 @@ def test_repro_writes_metrics_and_one_mlflow_run_per_iteration(repro: Path) -> N
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.info.status == "FINISHED"
     children = sorted(
         (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-        key=lambda r: int(r.data.params["iteration"]),
+        key=lambda r: (r.data.tags["record"], int(r.data.tags["iteration"])),
     )
     assert [r.info.run_name for r in children] == [
-        "teacher (width x1, depth x1)",
-        "student-1 (width x1, depth x1)",
-        "student-2 (width x1.5, depth x1)",
+        "pseudo-labels 1",
+        "pseudo-labels 2",
+        "teacher w1 d1",
+        "student-1 w1 d1",
+        "student-2 w1.5 d1",
     ]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    children = children[2:]  # the models
     for run_ in (parent, *children):
         assert run_.data.tags["entry_point"] == "dvc"
         assert len(run_.data.tags["git_commit"]) == 40
@@ -80,9 +85,28 @@ def test_repro_writes_metrics_and_one_mlflow_run_per_iteration(repro: Path) -> N
     assert student.data.metrics["test_accuracy"] == pytest.approx(
         metrics["artifacts/models/iter_2/metrics.json"]["test_accuracy"]
     )
-    assert len(client.get_metric_history(children[0].info.run_id, "val_accuracy")) == 12
-    versions = client.search_model_versions("name='noisy-student'")
+    assert len(client.get_metric_history(children[0].info.run_id, "epoch/val_accuracy")) == 12
+    versions = client.search_model_versions(f"name='{registered_model(repro)}'")
     assert len(versions) == 3
+
+
+def registered_model(repo: Path) -> str:
+    """The registered model of the run's task (one per task: the default name + the task)."""
+    client = mlflow_client(repo)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("noisy-student").experiment_id], "tags.record = 'pipeline'"
+    )
+    name = parent.data.tags["registered_model"]
+    assert name.startswith("noisy-student-digits-")
+    return name
+
+
+def records(repo: Path) -> tuple[set[str], set[str]]:
+    """Every run and every registered version in the store."""
+    client = mlflow_client(repo)
+    runs = client.search_runs([client.get_experiment_by_name("noisy-student").experiment_id])
+    versions = client.search_model_versions(f"name='{registered_model(repo)}'")
+    return {r.info.run_id for r in runs}, {str(v.version) for v in versions}
 
 
 def test_second_repro_does_nothing(repro: Path) -> None:
@@ -107,12 +131,14 @@ def model_hashes(repo: Path) -> dict[str, str]:
     return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
 
 
-def test_forced_repro_gives_identical_metrics_and_models(repro: Path) -> None:
-    before, models = read_metrics(repro), model_hashes(repro)
+def test_forced_repro_gives_identical_metrics_models_and_records(repro: Path) -> None:
+    before, models, recorded = read_metrics(repro), model_hashes(repro), records(repro)
     assert len(models) == 3
     run(["dvc", "repro", "--force"], repro)
     assert strip_timing(read_metrics(repro)) == strip_timing(before)
     assert model_hashes(repro) == models
+    # The same files: the same parent and children, no new version.
+    assert records(repro) == recorded
 
 
 def test_plots_render_accuracy_by_iteration_and_per_class(repro: Path) -> None:
@@ -168,9 +194,10 @@ def test_mlflow_server_serves_the_runs(repro: Path) -> None:
             f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}
         ).json()["runs"]
         names = {r["info"]["run_name"] for r in runs}
-        assert {"teacher (width x1, depth x1)", "student-2 (width x1.5, depth x1)"} <= names
-        model = httpx.get(f"{api}/registered-models/get", params={"name": "noisy-student"}).json()
-        assert model["registered_model"]["name"] == "noisy-student"
+        assert {"teacher w1 d1", "student-2 w1.5 d1"} <= names
+        name = registered_model(repro)
+        model = httpx.get(f"{api}/registered-models/get", params={"name": name}).json()
+        assert model["registered_model"]["name"] == name
     finally:
         stop(server)
 

@@ -98,13 +98,20 @@ def test_deployment_run_completes_and_records_mlflow(prefect: tuple[Path, dict])
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("noisy-student").experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.params["iteration"] for r in children) == ["0", "1"]
+    assert sorted((r.data.tags["record"], r.data.tags["iteration"]) for r in children) == [
+        ("pseudo_label", "1"),
+        ("train", "0"),
+        ("train", "1"),
+    ]
     for run_ in (parent, *children):
         assert run_.data.tags["entry_point"] == "prefect"
         assert run_.data.tags["prefect_flow_run_id"] == flow_run_id
-    assert len(client.search_model_versions("name='noisy-student'")) == 2
+    name = parent.data.tags["registered_model"]
+    versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
+    assert len(versions) == 2
 
     # A second run with the same parameters reuses every finished step.
     again = deployment_run(repo, env)
@@ -116,3 +123,9 @@ def test_deployment_run_completes_and_records_mlflow(prefect: tuple[Path, dict])
         "train-1": "Cached",
     }
     assert states["report"] == "Completed"
+    # ... and records nothing new: the same runs, still finished, and the same versions.
+    again_runs = client.search_runs([parent.info.experiment_id])
+    assert {r.info.run_id: r.info.status for r in again_runs} == {
+        r.info.run_id: "FINISHED" for r in runs
+    }
+    assert {str(v.version) for v in client.search_model_versions(f"name='{name}'")} == versions
