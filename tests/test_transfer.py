@@ -90,7 +90,8 @@ def test_loads_from_mlflow_run_and_registry_uris(tmp_path: Path) -> None:
     with mlflow_store(tmp_path):
         use_experiment("t")
         with mlflow.start_run() as run:
-            _log_model(tmp_path / "model.pt", "tiny", (1, 16, 16))
+            info = _log_model(tmp_path / "model.pt", (1, 16, 16))
+        mlflow.register_model(info.model_uri, "tiny")
         for uri in (f"runs:/{run.info.run_id}/model", "models:/tiny/1"):
             model = build_model(num_classes=2, in_channels=1)
             report = load_pretrained(model, uri)
