@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import os
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow
+from prefect.filesystems import RemoteFileSystem
+from prefect.futures import wait
 
-from noisy_student.config import load_config
+from noisy_student import storage
+from noisy_student.config import Config, load_config
 from noisy_student.preflight import preflight
-from tasks import steps
+from noisy_student.shards import Shard
+from tasks import shards, steps
 
 
 @flow(name="noisy-student", log_prints=True)
@@ -18,23 +24,82 @@ def noisy_student(
     iterations: int | None = None,
     overrides: dict[str, Any] | None = None,
     runs_root: str = "runs",
+    shard_count: int = 1,
+    task_runner: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the loop with ``params_file``; ``iterations`` keeps the first N students and
     ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
-    ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps."""
+    ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps.
+    Run options, which change no result: ``shard_count`` shards label the pool, on this
+    process (``task_runner: local``) or on a Ray cluster (``ray``; ``ray_address``: auto,
+    host:port, ray://host:10001, or None to start one here)."""
     cfg = load_config(params_file, overrides, max_iterations=iterations)
+    Shard(0, shard_count)  # a bad count fails here, before any work
+    runner = shards.task_runner(task_runner, ray_address)
+    storage.check_root(runs_root)
+    storage.check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
     preflight(cfg)  # what this machine or the data cannot give the run, before any task
+    if task_runner == "ray":
+        shards.connect_ray(ray_address)
     config = cfg.model_dump(mode="json")
-    run_dir = str(Path(runs_root) / cfg.fingerprint())
-    # Cached results point into run_dir: recompute them when it is gone.
-    fresh = {"refresh_cache": not Path(run_dir).exists()}
+    run_dir = storage.join(runs_root, cfg.fingerprint())
+    # Cached results point into run_dir: recompute them when it is gone. On an object
+    # store, task results live beside the runs, not on one worker's disk.
+    refresh = not storage.exists(run_dir)
+    fresh = {"refresh_cache": refresh, **task_results(runs_root)}
 
     steps.prepare.with_options(**fresh)(config, run_dir)
     steps.train.with_options(**fresh)(config, run_dir, 0)  # the teacher, no noise
     for iteration in sorted(cfg.iterations):
-        steps.pseudo_label.with_options(**fresh)(config, run_dir, iteration)
+        if shard_count == 1 and task_runner == "local":
+            steps.pseudo_label.with_options(**fresh)(config, run_dir, iteration)
+        else:
+            label_in_shards.with_options(task_runner=runner)(
+                config, run_dir, iteration, shard_count, task_runner, runs_root, refresh
+            )
         steps.train.with_options(**fresh)(config, run_dir, iteration)  # noised student
     return steps.report(config, run_dir)
+
+
+def task_results(runs_root: str) -> dict[str, Any]:
+    """Task results beside the runs on an object store (a block named after the URL, so
+    every machine's tasks find it), not on the disk of the machine that ran the task."""
+    if not storage.is_remote(runs_root):
+        return {}
+    basepath = storage.join(runs_root, ".prefect-results")
+    name = "noisy-student-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:12]
+    RemoteFileSystem(basepath=basepath).save(name, overwrite=True)
+    return {"result_storage": f"remote-file-system/{name}"}
+
+
+@flow(name="pseudo-label-shards", flow_run_name="pseudo-label-{iteration}-{count}-shards")
+def label_in_shards(
+    config: dict[str, Any],
+    run_dir: str,
+    iteration: int,
+    count: int,
+    runner: str,
+    runs_root: str,
+    refresh_cache: bool = False,
+) -> str:
+    """Fan out one task per shard on this subflow's task runner, then reduce."""
+    options = {"refresh_cache": refresh_cache, **task_results(runs_root)}
+    ray_options = shards.shard_options(Config.model_validate(config), runner)
+    if runner == "ray":
+        from prefect_ray.context import remote_options
+
+        resources = remote_options(**ray_options)
+    else:
+        resources = nullcontext()
+    label = shards.label_shard.with_options(**options)
+    with resources:
+        futures = [label.submit(config, run_dir, iteration, i, count) for i in range(count)]
+    wait(futures)
+    for future in futures:
+        future.result()  # a shard that failed after its retries fails the subflow
+    merge = shards.merge_shards.with_options(**options)
+    return merge(config, run_dir, iteration, count)
 
 
 if __name__ == "__main__":  # python -m flows.noisy_student

@@ -15,14 +15,11 @@ from noisy_student import pipeline, records
 from noisy_student.config import Config
 from noisy_student.report import markdown_table
 from noisy_student.runs import RunLayout
+from noisy_student.storage import run_step, staged, step_needs
 
 CACHED = dict(
     cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=1, retry_delay_seconds=5
 )
-
-
-def _layout(run_dir: str) -> RunLayout:
-    return RunLayout(run_dir)
 
 
 def _tags() -> dict[str, str]:
@@ -32,19 +29,30 @@ def _tags() -> dict[str, str]:
 
 @task(name="prepare", task_run_name="prepare", **CACHED)
 def prepare(config: dict[str, Any], run_dir: str) -> str:
-    return str(pipeline.prepare(Config.model_validate(config), _layout(run_dir)))
+    cfg = Config.model_validate(config)
+    return run_step(run_dir, "prepare", None, lambda layout: pipeline.prepare(cfg, layout))
 
 
 @task(name="train", task_run_name="train-{iteration}", **CACHED)
 def train(config: dict[str, Any], run_dir: str, iteration: int) -> str:
-    cfg, layout = Config.model_validate(config), _layout(run_dir)
-    return str(records.train_step(cfg, layout, iteration, "prefect", _tags()))
+    cfg = Config.model_validate(config)
+    return run_step(
+        run_dir,
+        "train",
+        iteration,
+        lambda layout: records.train_step(cfg, layout, iteration, "prefect", _tags()),
+    )
 
 
 @task(name="pseudo-label", task_run_name="pseudo-label-{iteration}", **CACHED)
 def pseudo_label(config: dict[str, Any], run_dir: str, iteration: int) -> str:
-    cfg, layout = Config.model_validate(config), _layout(run_dir)
-    return str(records.label_step(cfg, layout, iteration, "prefect", _tags()))
+    cfg = Config.model_validate(config)
+    return run_step(
+        run_dir,
+        "label",
+        iteration,
+        lambda layout: records.label_step(cfg, layout, iteration, "prefect", _tags()),
+    )
 
 
 @task(name="report", task_run_name="report", retries=2, retry_delay_seconds=5)
@@ -52,8 +60,9 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Summarize, close the run's MLflow records and publish the iteration table in
     Prefect."""
     cfg = Config.model_validate(config)
-    table = pipeline.summarize(cfg, _layout(run_dir))
-    run_id = records.record_run(cfg, _layout(run_dir), "prefect", _tags())
+    with staged(run_dir, step_needs("report")) as root:
+        table = pipeline.summarize(cfg, RunLayout(root))
+        run_id = records.record_run(cfg, RunLayout(root), "prefect", _tags())
     create_markdown_artifact(
         markdown=f"## Noisy Student iterations\n\n{pipeline.describe(cfg, table)}\n\n"
         f"{markdown_table(table)}\nMLflow parent run: `{run_id}`",

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from noisy_student import pipeline
-from noisy_student.config import ConfigError, load_config
+from noisy_student import pipeline, storage
+from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
+from noisy_student.shards import ShardError, parse_shard
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -79,6 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     ):
         step = sub.add_parser(name, help=text)
         step.add_argument("--iteration", type=int, required=True)
+        if name == "pseudo-label":
+            shard = step.add_mutually_exclusive_group()
+            shard.add_argument(
+                "--shard",
+                metavar="INDEX/COUNT",
+                help="label one shard of the pool (0-based, e.g. 3/16) and write its part",
+            )
+            shard.add_argument(
+                "--merge",
+                nargs="?",
+                const=0,
+                type=_positive,
+                metavar="COUNT",
+                help="reduce the shards' parts into the manifest (COUNT: when parts of "
+                "several shard counts are present)",
+            )
         steps.append(step)
     steps.append(sub.add_parser("report", help="summarize, print the table, close the records"))
     sub.add_parser("show", help="print the iteration table of a finished run")
@@ -191,7 +208,7 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     if args.command == "train":
         train(cfg, layout, args.iteration)
     elif args.command == "pseudo-label":
-        label(cfg, layout, args.iteration)
+        return _pseudo_label(cfg, layout, args, label, entry_point if record else None)
     else:
         if args.command == "run":
             pipeline.run_all(cfg, layout, train_step=train, label_step=label)
@@ -202,12 +219,75 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     return 0
 
 
+def _pseudo_label(
+    cfg: Config, layout: RunLayout, args: argparse.Namespace, label, entry_point: str | None
+) -> int:
+    """The whole pool in this process (``label``), one shard of it (``--shard``: a part,
+    recorded by the merge), or the reduce of the shards' parts (``--merge``, recorded in
+    MLflow when ``entry_point`` is set); a bad shard spec or part is one line on stderr."""
+    try:
+        if args.shard is not None:
+            pipeline.label_shard(cfg, layout, args.iteration, parse_shard(args.shard))
+        elif args.merge is not None:
+            pipeline.merge_shards(cfg, layout, args.iteration, args.merge or None)
+            if entry_point is not None:
+                from noisy_student import records
+
+                records.record_pseudo_labels(cfg, layout, args.iteration, entry_point)
+        else:
+            label(cfg, layout, args.iteration)
+    except ShardError as err:
+        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class _Failed(Exception):
+    """A step that returned a failure status: its files are not published."""
+
+
+def _staged_step(args: argparse.Namespace) -> str | None:
+    """Which step a command runs, for staging a run directory on an object store."""
+    if args.command == "pseudo-label":
+        return "shard" if args.shard else "merge" if args.merge is not None else "label"
+    return {"prepare": "prepare", "train": "train"}.get(
+        args.command, "report" if args.command in ("report", "run", "show") else None
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    step = _staged_step(args)
+    if step is None or not storage.is_remote(args.run_dir):
+        return _main(args)
+    # A run directory on an object store: this step works on a local copy of what it
+    # reads, and publishes what it wrote only when it succeeds.
+    try:
+        if getattr(args, "shard", None):
+            parse_shard(args.shard)
+        storage.check_root(args.run_dir, "--run-dir")
+        with storage.staged(
+            args.run_dir, storage.step_needs(step, getattr(args, "iteration", None))
+        ) as root:
+            code = _main(argparse.Namespace(**{**vars(args), "run_dir": str(root)}))
+            if code:
+                raise _Failed(code)
+    except ShardError as err:
+        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
+        return 2
+    except storage.StorageError as err:
+        print(f"noisy-student: {err}", file=sys.stderr)
+        return 2
+    except _Failed as failed:
+        return failed.args[0]
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "predict":  # needs a model, not the params file
         return predict(args)
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -29,13 +30,7 @@ from noisy_student.engine import (
 from noisy_student.io import read_json, save_torch, write_csv, write_json, write_parquet
 from noisy_student.losses import student_loss
 from noisy_student.models import build_model, load_checkpoint, num_parameters, save_checkpoint
-from noisy_student.pseudo_label import (
-    balance_classes,
-    class_counts,
-    one_hot,
-    pseudo_label,
-    targets_from_manifest,
-)
+from noisy_student.pseudo_label import one_hot, pseudo_label, targets_from_manifest
 from noisy_student.report import (
     write_accuracy_by_iteration_png,
     write_per_class_accuracy_png,
@@ -52,6 +47,21 @@ from noisy_student.runs import (
     model_name,
     promotion,
     teacher_of,
+)
+from noisy_student.shards import (
+    SHARDS,
+    Shard,
+    ShardError,
+    empty_manifest,
+    file_md5,
+    read_rows,
+    read_shards,
+    reduce_shards,
+    shard_counts,
+    shard_key,
+    shard_stats,
+    top_per_class,
+    write_shard,
 )
 from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_param_groups
 
@@ -289,49 +299,61 @@ def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
 
 
-def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
-    """The teacher of student ``iteration`` (``teacher_of``), un-noised, labels the
-    unlabeled pool; the pool's hidden labels, where known, only score the result."""
+def _teacher(cfg: Config, layout: RunLayout, iteration: int) -> tuple[int, Path]:
+    """The iteration and checkpoint of the model that labels the pool for ``iteration``."""
+    teacher_iteration = teacher_of(cfg, layout, iteration)
+    return teacher_iteration, layout.model_dir(teacher_iteration) / MODEL
+
+
+def _label_slice(
+    cfg: Config, layout: RunLayout, iteration: int, shard: Shard
+) -> tuple[pd.DataFrame, dict, str]:
+    """The map: label ``shard``'s slice of the pool; return its part, its statistics and
+    the key every part of this labeling shares."""
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
     data = load_images(cfg.data.source, cfg.data.root)
-    pool = _split(layout, "unlabeled")
-    if pool.empty:
+    pool_file = layout.splits / "unlabeled.parquet"
+    pool_size = pq.ParquetFile(pool_file).metadata.num_rows
+    if pool_size == 0:
         raise ValueError("the unlabeled pool is empty: nothing to pseudo-label")
-    teacher_iteration = teacher_of(cfg, layout, iteration)
-    teacher = load_checkpoint(
-        str(layout.model_dir(teacher_iteration) / MODEL), dropout=0.0, stochastic_depth=0.0
-    )
-    pc = cfg.pseudo_label
-    manifest = pseudo_label(
-        teacher,
-        data.images,
-        pool["image_id"].to_numpy(),
-        device,
-        mode=pc.mode,
-        temperature=pc.temperature,
-        threshold=pc.threshold,
-        batch_size=pc.batch_size,
-        hflip=pc.tta == "hflip",
-    )
+    start, stop = shard.rows(pool_size)
+    pool = read_rows(pool_file, start, stop, ["image_id", "hidden_label"])
+    _, checkpoint = _teacher(cfg, layout, iteration)
+    pc, num_classes = cfg.pseudo_label, len(data.classes)
+    manifest = empty_manifest(pc.mode, num_classes)
+    if len(pool):
+        teacher = load_checkpoint(str(checkpoint), dropout=0.0, stochastic_depth=0.0)
+        manifest = pseudo_label(
+            teacher,
+            data.images,
+            pool["image_id"].to_numpy(),
+            device,
+            mode=pc.mode,
+            temperature=pc.temperature,
+            threshold=pc.threshold,
+            batch_size=pc.batch_size,
+            hflip=pc.tta == "hflip",
+        )
     hidden = pool.set_index("image_id")["hidden_label"].loc[manifest["image_id"]].to_numpy()
-    scored = hidden >= 0
-    correct = manifest["label"].to_numpy()[scored] == hidden[scored]
-    num_classes = len(data.classes)
+    stats = shard_stats(manifest, hidden, num_classes, len(pool))
+    if pc.balance is not None:
+        manifest = top_per_class(manifest, pc.balance)
+    key = shard_key(pc, cfg.seed + iteration, file_md5(checkpoint), pool_size)
+    return manifest, stats, key
+
+
+def _write_labels(
+    cfg: Config, layout: RunLayout, iteration: int, parts: list, stats: list[dict]
+) -> Path:
+    """The reduce's output: the manifest students read and its metrics."""
+    num_classes = len(read_json(layout.splits / METRICS)["classes"])
+    manifest, reduced = reduce_shards(parts, stats, num_classes, cfg.pseudo_label.balance)
     metrics = {
         "iteration": iteration,
-        "teacher_iteration": teacher_iteration,
-        "pool_size": len(pool),
-        "num_above_threshold": len(manifest),
-        "kept_fraction": len(manifest) / len(pool),
-        "pseudo_label_accuracy": float(correct.mean()) if scored.any() else None,
-        "mean_confidence": float(manifest["confidence"].mean()) if len(manifest) else 0.0,
-        "class_counts_before_balancing": class_counts(manifest, num_classes),
+        "teacher_iteration": _teacher(cfg, layout, iteration)[0],
+        **reduced,
     }
-    if pc.balance is not None:
-        manifest = balance_classes(manifest, num_classes, pc.balance)
-    metrics["class_counts"] = class_counts(manifest, num_classes)
-    metrics["num_pseudo_labeled"] = len(manifest)
     out = layout.pseudo_dir(iteration)
     write_parquet(out / PSEUDO_LABELS, manifest)
     write_json(out / METRICS, metrics)
@@ -339,10 +361,51 @@ def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
         "pseudo-labels for student %d: kept %d/%d, accuracy %s",
         iteration,
         len(manifest),
-        len(pool),
+        metrics["pool_size"],
         metrics["pseudo_label_accuracy"],
     )
     return out
+
+
+def label_pool(cfg: Config, layout: RunLayout, iteration: int) -> Path:
+    """The teacher of student ``iteration`` (``teacher_of``), un-noised, labels the
+    unlabeled pool; the pool's hidden labels, where known, only score the result. One
+    process: the map over a single shard, then the reduce (no part files)."""
+    part, stats, _ = _label_slice(cfg, layout, iteration, Shard(0, 1))
+    return _write_labels(cfg, layout, iteration, [part], [stats])
+
+
+def label_shard(
+    cfg: Config, layout: RunLayout, iteration: int, shard: Shard, worker: dict | None = None
+) -> Path:
+    """Label one shard of the pool for student ``iteration`` and write its part and
+    statistics under the pseudo-label directory (``worker``: where it ran, recorded)."""
+    part, stats, key = _label_slice(cfg, layout, iteration, shard)
+    pool_size = pq.ParquetFile(layout.splits / "unlabeled.parquet").metadata.num_rows
+    log.info("shard %s of the pool for student %d: kept %d", shard, iteration, len(part))
+    return write_shard(
+        layout.pseudo_dir(iteration), shard, part, stats, key, shard.rows(pool_size), worker
+    )
+
+
+def merge_shards(cfg: Config, layout: RunLayout, iteration: int, count: int | None = None) -> Path:
+    """The reduce over the parts of ``count`` shards (default: the one count whose parts
+    are present): the manifest and metrics ``label_pool`` writes, byte for byte."""
+    out = layout.pseudo_dir(iteration)
+    if count is None:
+        counts = shard_counts(out)
+        if len(counts) != 1:
+            found = ", ".join(map(str, counts)) or "none"
+            raise ShardError(
+                f"merge: expected the parts of one shard count in {out / SHARDS}, "
+                f"found counts: {found}; pass the count"
+            )
+        count = counts[0]
+    pool_size = pq.ParquetFile(layout.splits / "unlabeled.parquet").metadata.num_rows
+    _, checkpoint = _teacher(cfg, layout, iteration)
+    key = shard_key(cfg.pseudo_label, cfg.seed + iteration, file_md5(checkpoint), pool_size)
+    parts, stats = read_shards(out, count, key, pool_size)
+    return _write_labels(cfg, layout, iteration, parts, stats)
 
 
 def describe(cfg: Config, table: pd.DataFrame) -> str:

@@ -122,3 +122,17 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return make_repo_copy(tmp_path / "repo")
+
+
+# Scale-out fixtures (S3, PostgreSQL, MLflow and Prefect servers, a Ray cluster), shared by
+# every end-to-end test; defined in their own module.
+from tests.e2e.scale import (  # noqa: E402, F401
+    mlflow_server,
+    monkeypatch_module,
+    postgres,
+    prefect_server,
+    ray_cluster,
+    ray_cluster_on_s3,
+    s3,
+    s3_env,
+)

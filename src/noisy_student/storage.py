@@ -1,0 +1,172 @@
+"""A run directory that may live on an object store (``s3://bucket/runs/<hash>``), so a
+step can run on any machine. The steps keep working on local paths: ``staged`` copies the
+files a step reads into a local work directory and, when the step succeeds, publishes the
+files it wrote. An object store's PUT is all-or-nothing, and the JSON records that later
+steps read (``metrics.json``, a shard's statistics) are published after the files they
+describe, so a reader never trusts a partial result; a failed step publishes nothing.
+Credentials and endpoints come from the environment, as for any S3 client
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, profiles, roles)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+
+from noisy_student.runs import RunLayout
+from noisy_student.shards import SHARDS
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(ValueError):
+    """An object store that cannot be used: no credentials, no bucket, no access."""
+
+
+def is_remote(url: str | Path) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    """A path under ``root``, a local directory or a URL (``Path`` would fold ``s3://``)."""
+    if not is_remote(root):
+        return str(Path(root, *parts))
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()  # another machine may have written since this process listed
+    return fs, path.rstrip("/")
+
+
+def check_root(url: str, what: str = "runs_root") -> None:
+    """Fail in one line, before any work, when ``url`` is on a store this process cannot
+    reach: missing credentials, a missing bucket, access denied."""
+    if not is_remote(url):
+        return
+    try:
+        fs, path = _fs(url)
+        bucket = path.split("/", 1)[0]
+        fs.ls(bucket)  # raises, where exists() would answer False for any failure
+    except StorageError:
+        raise
+    except ImportError as err:
+        raise StorageError(f"{what} {url}: {err.msg} (pip install s3fs)") from None
+    except FileNotFoundError:
+        raise StorageError(f"{what} {url}: bucket {bucket!r} does not exist") from None
+    except PermissionError as err:
+        raise StorageError(f"{what} {url}: access denied ({_first_line(err)})") from None
+    except Exception as err:  # botocore raises its own types; each says what is wrong
+        name = type(err).__name__
+        if "Credentials" in name:
+            raise StorageError(
+                f"{what} {url}: no credentials for the object store (set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+            ) from None
+        raise StorageError(f"{what} {url}: {name}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def exists(url: str) -> bool:
+    if not is_remote(url):
+        return Path(url).exists()
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def _snapshot(local: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.relative_to(local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in local.rglob("*")
+        if p.is_file()
+    }
+
+
+def download(url: str, local: Path, needs: Iterable[str]) -> None:
+    """Copy the files under each prefix of ``needs`` (relative to the run ``url``); a
+    shard's parts only when the prefix names the shards' folder."""
+    fs, root = _fs(url)
+    for prefix in needs:
+        for remote in fs.find(f"{root}/{prefix}".rstrip("/")):
+            rel = remote[len(root) + 1 :]
+            if f"/{SHARDS}/" in f"/{rel}" and f"{SHARDS}/" not in prefix:
+                continue
+            target = local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(target))
+
+
+def publish(url: str, local: Path, before: dict[str, tuple[int, int]]) -> list[str]:
+    """Upload the files of ``local`` that are new or changed since ``before``: data files
+    first, the JSON records that vouch for them last."""
+    fs, root = _fs(url)
+    changed = [rel for rel, stat in _snapshot(local).items() if before.get(rel) != stat]
+    changed.sort(key=lambda rel: (rel.endswith(".json"), rel))
+    for rel in changed:
+        fs.put_file(str(local / rel), f"{root}/{rel}")
+    return changed
+
+
+@contextmanager
+def staged(url: str | Path, needs: Iterable[str]) -> Iterator[Path]:
+    """The run directory ``url`` as a local directory for one step: itself when local;
+    for a URL, a temporary copy of the files under ``needs``, whose new files are
+    published to ``url`` when the step returns (and dropped when it raises)."""
+    if not is_remote(url):
+        yield Path(url)
+        return
+    url = str(url)
+    with tempfile.TemporaryDirectory(prefix="noisy-student-run-") as tmp:
+        local = Path(tmp)
+        download(url, local, needs)
+        before = _snapshot(local)
+        yield local
+        published = publish(url, local, before)
+        log.info("published %d files to %s", len(published), url)
+
+
+def step_needs(step: str, iteration: int | None = None) -> list[str]:
+    """The parts of a run directory each step reads (a step writes under its own)."""
+    if step == "prepare":
+        return []
+    if step in ("label", "shard"):
+        return ["splits/", "models/"]
+    if step == "merge":
+        return ["splits/", "models/", f"pseudo/iter_{iteration}/{SHARDS}/"]
+    if step == "train":
+        return ["splits/", "models/", f"pseudo/iter_{iteration}/"]
+    return ["splits/", "models/", "pseudo/", "report/"]  # report, show
+
+
+def run_step(
+    run_dir: str, step: str, iteration: int | None, fn: Callable[[RunLayout], Path]
+) -> str:
+    """Run ``fn`` on the run directory ``run_dir`` staged for ``step``; return the path
+    of its output in ``run_dir``, for any machine to read."""
+    with staged(run_dir, step_needs(step, iteration)) as root:
+        out = fn(RunLayout(root))
+    return join(run_dir, *Path(out).relative_to(root).parts)
+
+
+def check_tracking_server(uri: str | None) -> None:
+    """Fail in one line, before any work, when ``MLFLOW_TRACKING_URI`` names a server that
+    does not answer (a database or file store is checked when first used)."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        raise StorageError(
+            f"MLFLOW_TRACKING_URI {uri}: no MLflow server answers ({_first_line(err)})"
+        ) from None

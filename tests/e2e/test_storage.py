@@ -1,0 +1,71 @@
+"""A run directory on S3 (a moto server on loopback): what a step reads is staged, what it
+wrote is published only when it succeeds, and a store that cannot be used is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import fsspec
+import pytest
+
+from noisy_student import storage
+from noisy_student.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def bucket(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3").create_bucket(Bucket="store")
+    fsspec.filesystem("s3").invalidate_cache()
+    return "s3://store/runs/abc"
+
+
+def test_a_step_publishes_its_files_only_when_it_succeeds(bucket: str) -> None:
+    fs = fsspec.filesystem("s3")
+    fs.pipe(f"{bucket.removeprefix('s3://')}/models/iter_0/metrics.json", b"{}")
+    fs.pipe(f"{bucket.removeprefix('s3://')}/pseudo/iter_1/shards/part-x.parquet", b"x")
+    with storage.staged(bucket, storage.step_needs("label", 1)) as root:
+        assert (root / "models/iter_0/metrics.json").read_bytes() == b"{}"
+        assert not (root / "pseudo").exists()  # a shard's parts only when merging
+        (root / "pseudo/iter_1").mkdir(parents=True)
+        (root / "pseudo/iter_1/pseudo_labels.parquet").write_bytes(b"rows")
+        (root / "pseudo/iter_1/metrics.json").write_bytes(b"{}")
+    assert storage.exists(storage.join(bucket, "pseudo/iter_1/pseudo_labels.parquet"))
+    with pytest.raises(RuntimeError), storage.staged(bucket, []) as root:
+        (root / "report").mkdir()
+        (root / "report/report.md").write_text("half")
+        raise RuntimeError("the step failed")
+    assert not storage.exists(storage.join(bucket, "report"))
+
+
+def test_publish_sends_the_records_last(tmp_path: Path, bucket: str) -> None:
+    for name in ("b/metrics.json", "b/model.pt", "a/stats-1.json", "a/part-1.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    order = storage.publish(bucket, tmp_path, {})
+    assert order == ["a/part-1.parquet", "b/model.pt", "a/stats-1.json", "b/metrics.json"]
+
+
+def test_a_store_that_cannot_be_used_is_one_line(
+    bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    storage.check_root(bucket)
+    with pytest.raises(storage.StorageError, match="bucket 'nobucket' does not exist"):
+        storage.check_root("s3://nobucket/runs")
+    assert main(["--run-dir", "s3://nobucket/runs", "prepare"]) == 2
+    assert capsys.readouterr().err == (
+        "noisy-student: --run-dir s3://nobucket/runs: bucket 'nobucket' does not exist\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    fsspec.filesystem("s3").clear_instance_cache()
+    with pytest.raises(storage.StorageError, match="no credentials for the object store"):
+        storage.check_root(bucket)
+    with pytest.raises(storage.StorageError, match="no MLflow server answers"):
+        storage.check_tracking_server("http://127.0.0.1:9")
