@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from noisy_student import pipeline
+from noisy_student import pipeline, progress
 from noisy_student.config import ConfigError, load_config
 from noisy_student.data import fetch, source_options
 from noisy_student.preflight import preflight
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    progress.configure(quiet=args.quiet)
     if args.command == "predict":  # needs a model, not the params file
         return predict(args)
     try:
