@@ -54,7 +54,8 @@ def test_not_a_terminal_gives_plain_lines_with_rate_and_eta(
     assert "\r" not in err and "\x1b" not in err
     lines = err.splitlines()
     assert len(lines) == 5  # one per item (interval 0), then the end
-    assert re.fullmatch(r"decoding: 2/4 file, [\d.]+ file/s, elapsed 0:00:00, eta 0:00:\d\d", lines[1])
+    line = r"decoding: 2/4 file, [\d.]+ file/s, elapsed 0:00:00, eta 0:00:\d\d"
+    assert re.fullmatch(line, lines[1])
     assert lines[-1].startswith("decoding: 4/4 file")
 
 
@@ -131,7 +132,9 @@ def test_the_command_in_a_terminal_shows_bars_with_rate_and_eta(
         )
     )
     command = [sys.executable, "-m", "noisy_student.cli", "--params", str(params)]
-    shown = run_in_terminal([*command, "--run-dir", str(tmp_path / "a"), "run", "--no-mlflow"], REPO)
+    shown = run_in_terminal(
+        [*command, "--run-dir", str(tmp_path / "a"), "run", "--no-mlflow"], REPO
+    )
     frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).replace("\r", "\n")
     bar = r"epochs\s+\S+\s+\d/8 [\d.]+ epoch/(s|min) \d+:\d\d:\d\d eta \d+:\d\d:\d\d"
     assert re.search(bar, frames), frames[-3000:]
