@@ -124,7 +124,12 @@ def test_the_command_in_a_terminal_shows_bars_with_rate_and_eta(
     params.write_text(
         yaml.safe_dump(
             {
-                "data": {"root": str(digits_root), "val_per_class": 5, "test_per_class": 5},
+                "data": {
+                    "root": str(digits_root),
+                    "labeled_per_class": 10,
+                    "val_per_class": 5,
+                    "test_per_class": 5,
+                },
                 "device": "cpu",
                 "train": {"epochs": 8, "batch_size": 16},
                 "iterations": {},
