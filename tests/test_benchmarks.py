@@ -103,3 +103,15 @@ def test_orchestration_times_prefect_against_the_library() -> None:
     )  # fmt: skip
     match = re.search(r"library ([\d.]+) s, prefect deployment run ([\d.]+) s", out)
     assert match and all(float(seconds) > 0 for seconds in match.groups()), out
+
+
+def test_default_seeds_prints_each_seed_and_the_gains_mean_and_spread() -> None:
+    out = bench(
+        "benchmarks/default_seeds.py",
+        "--set", "train.epochs=1",
+        "--seeds", "3",
+        "--limit", "1",
+        "--jobs", "1",
+    )  # fmt: skip
+    assert re.search(r"^seed 3: teacher test [\d.]+ .* gain [+-][\d.]+", out, re.M)
+    assert re.search(r"^gain +[+-][\d.]+ ± [\d.]+$", out, re.M)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from noisy_student import pipeline, storage
+from noisy_student import pipeline, progress, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
 from noisy_student.preflight import preflight
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    progress.configure(quiet=args.quiet)
     step = _staged_step(args)
     if step is None or not storage.is_remote(args.run_dir):
         return _main(args)

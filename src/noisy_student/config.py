@@ -57,7 +57,7 @@ class DataConfig(_Strict):
         "listed in skipped.json otherwise)",
     )
     hflip: bool = Field(False, description="random horizontal flips (not for digits or text)")
-    labeled_per_class: int = Field(10, ge=1, description="labeled images per class")
+    labeled_per_class: int = Field(5, ge=1, description="labeled images per class")
     val_per_class: int = Field(
         20, ge=1, description="validation images per class (unless the source has a val split)"
     )

@@ -18,6 +18,7 @@ from torch import nn
 
 from noisy_student.augment import Augment
 from noisy_student.losses import Loss, student_loss
+from noisy_student.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,13 @@ def train_model(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
     )
     history = []
-    for epoch, epoch_plan in enumerate(plan, start=1):
+    for epoch, epoch_plan in enumerate(track(plan, "epochs", unit="epoch"), start=1):
         model.train()
         if on_train_mode is not None:
             on_train_mode(model)
         # Summed on the device: a .item() per step would wait for the GPU at every step.
         start, total_loss, seen = time.perf_counter(), torch.zeros((), device=device), 0
-        for index in epoch_plan:
+        for index in track(epoch_plan, f"epoch {epoch} batches", unit="batch"):
             images = data.batch(index).to(device, non_blocking=True)
             targets = data.targets[index].to(device, non_blocking=True)
             pseudo = data.pseudo[index].to(device, non_blocking=True)
@@ -291,7 +292,13 @@ def predict_proba(
     ids: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Class probabilities on the host, one row per image."""
-    batches = predict_logits_batches(model, images, device, batch_size, ids)
+    rows = len(images) if ids is None else len(ids)
+    batches = track(
+        predict_logits_batches(model, images, device, batch_size, ids),
+        "scoring",
+        total=math.ceil(rows / batch_size),
+        unit="batch",
+    )
     return torch.cat([chunk.cpu() for chunk in in_chunks(batches, device)]).softmax(dim=-1)
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from noisy_student.data.imagefolder import DECODE_ERRORS, _decode
 from noisy_student.models import CheckpointError, build_model, read_checkpoint
+from noisy_student.progress import track
 
 if TYPE_CHECKING:
     import mlflow
@@ -342,7 +343,7 @@ def classify(
         warn(f"WARNING: {text}")
     mode = "L" if model.in_channels == 1 else "RGB"
     rows = []
-    for start in range(0, len(kept), batch_size):
+    for start in track(range(0, len(kept), batch_size), "classifying", unit="batch"):
         pixels, done = [], []
         for path in kept[start : start + batch_size]:
             decoded = _decode(path, mode, model.size)  # as the imagefolder source decodes

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from noisy_student.engine import Images, in_chunks, predict_logits_batches
+from noisy_student.progress import bar
 
 PROB = "prob_"  # soft-label column prefix: prob_0, prob_1, ...
 
@@ -39,17 +40,19 @@ def pseudo_label(
     ids, labels, confidences, distributions = [], [], [], []
     start = 0
     batches = predict_logits_batches(model, images, device, batch_size, image_ids, hflip)
-    for logits in in_chunks(batches, device):
-        probs = (logits / temperature).softmax(dim=-1)
-        confidence, label = (t.cpu() for t in probs.max(dim=-1))
-        probs = probs.cpu()
-        keep = (confidence >= threshold).numpy()
-        ids.append(image_ids[start : start + len(probs)][keep])
-        start += len(probs)
-        labels.append(label.numpy()[keep])
-        confidences.append(confidence.numpy()[keep])
-        if mode == "soft":
-            distributions.append(probs.numpy()[keep])
+    with bar("labeling", total=len(image_ids), unit="image") as progress:
+        for logits in in_chunks(batches, device):
+            probs = (logits / temperature).softmax(dim=-1)
+            confidence, label = (t.cpu() for t in probs.max(dim=-1))
+            probs = probs.cpu()
+            keep = (confidence >= threshold).numpy()
+            ids.append(image_ids[start : start + len(probs)][keep])
+            start += len(probs)
+            labels.append(label.numpy()[keep])
+            confidences.append(confidence.numpy()[keep])
+            if mode == "soft":
+                distributions.append(probs.numpy()[keep])
+            progress.advance(len(probs))
     if not ids:
         return pd.DataFrame(columns=["image_id", "label", "confidence"])
     columns = {

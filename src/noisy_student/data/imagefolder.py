@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from noisy_student.data.layout import Batch
+from noisy_student.progress import bar
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CHANNELS = ("RGB", "L")
@@ -122,18 +123,20 @@ class _Reader:
                 report.append((self._name(path), f"not an image file ({', '.join(EXTENSIONS)})"))
         if report:
             yield Batch(partition, self._empty(), np.empty(0, np.int64), skipped=tuple(report))
-        for start in range(0, len(readable), DECODE_CHUNK):
-            chunk = readable[start : start + DECODE_CHUNK]
-            decoded = self.pool.map(lambda item: _decode(item[0], self.mode, self.size), chunk)
-            kept, labels, bad = [], [], []
-            for (path, label), result in zip(chunk, decoded, strict=True):
-                if isinstance(result, str):
-                    bad.append((self._name(path), result))
-                else:
-                    kept.append(result)
-                    labels.append(label)
-            pixels = np.stack(kept) if kept else self._empty()
-            yield Batch(partition, pixels, np.array(labels, np.int64), None, tuple(bad))
+        with bar(f"decoding {partition}", total=len(readable), unit="file") as progress:
+            for start in range(0, len(readable), DECODE_CHUNK):
+                chunk = readable[start : start + DECODE_CHUNK]
+                decoded = self.pool.map(lambda item: _decode(item[0], self.mode, self.size), chunk)
+                kept, labels, bad = [], [], []
+                for (path, label), result in zip(chunk, decoded, strict=True):
+                    if isinstance(result, str):
+                        bad.append((self._name(path), result))
+                    else:
+                        kept.append(result)
+                        labels.append(label)
+                progress.advance(len(chunk))
+                pixels = np.stack(kept) if kept else self._empty()
+                yield Batch(partition, pixels, np.array(labels, np.int64), None, tuple(bad))
 
     def _name(self, path: Path) -> str:
         return path.relative_to(self.directory).as_posix()
