@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ from noisy_student.models import build_model, load_checkpoint
 from noisy_student.pseudo_label import one_hot
 from noisy_student.runs import HISTORY, MODEL, PER_CLASS, PSEUDO_LABELS, RunLayout
 from tests.conftest import TINY
+from tests.test_tracking import log, mlflow_store
 
 FIXMATCH = {
     "teacher.method": "fixmatch",
@@ -30,6 +32,15 @@ FIXMATCH = {
     "teacher.unlabeled_ratio": 2.0,
     "teacher.threshold": 0.5,
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on shared cores train many times faster on one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(tiny_config: Config, **changes: object) -> Config:
@@ -218,3 +229,27 @@ def test_fixmatch_config_is_validated() -> None:
         load_config(None, {"teacher.method": "fixmatch", "teacher.ema_decay": 1.0})
     with pytest.raises(ConfigError, match=r"teacher\.unlabeled_ratio: .*0"):
         load_config(None, {"teacher.method": "fixmatch", "teacher.unlabeled_ratio": 0})
+
+
+def test_mlflow_records_the_fixmatch_teacher_and_its_curves(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        None,
+        {**TINY, "data.root": tiny_config.data.root, "device": "cpu", **FIXMATCH},
+        max_iterations=0,
+    )
+    layout = RunLayout(tmp_path / "run")
+    pipeline.run_all(cfg, layout)
+    with mlflow_store(tmp_path) as client:
+        (teacher,) = log(client, cfg, layout).children
+        params = teacher.data.params
+        assert (params["method"], params["unlabeled_ratio"], params["threshold"]) == (
+            "fixmatch",
+            "2.0",
+            "0.5",
+        )
+        assert (params["adaptive_threshold"], params["ema_decay"]) == ("False", "0.0")
+        run_id = teacher.info.run_id
+        curve = client.get_metric_history(run_id, "unlabeled_mask_rate")
+        assert sorted(m.step for m in curve) == [1, 2]
