@@ -122,8 +122,8 @@ def test_adaptive_thresholds_follow_each_class_learning_status() -> None:
     assert torch.allclose(thresholds.thresholds(), torch.tensor(expected))
     # A confident class-2 prediction for rows 8, 9 and rows 0-3 moving to class 1: the
     # statuses follow what the model now predicts.
-    thresholds.update(torch.tensor([0, 1, 2, 3, 8, 9]), torch.full((6,), 0.99),
-                      torch.tensor([1, 1, 1, 1, 2, 2]))  # fmt: skip
+    moved = torch.tensor([0, 1, 2, 3, 8, 9])
+    thresholds.update(moved, torch.full((6,), 0.99), torch.tensor([1, 1, 1, 1, 2, 2]))
     assert torch.allclose(thresholds.status(), torch.tensor([2 / 6, 1.0, 2 / 6]))
     # While most of the pool is unpredicted, it is the denominator (FlexMatch's warm-up).
     warm = ClassThresholds(pool_size=10, num_classes=2, threshold=0.9)
