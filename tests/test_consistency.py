@@ -25,6 +25,7 @@ from noisy_student.pseudo_label import one_hot
 from noisy_student.runs import HISTORY, MODEL, PER_CLASS, PSEUDO_LABELS, RunLayout
 from tests.conftest import TINY
 from tests.test_tracking import log, mlflow_store
+from tests.test_tracking import tiny_config as tracked_config
 
 FIXMATCH = {
     "teacher.method": "fixmatch",
@@ -234,11 +235,8 @@ def test_fixmatch_config_is_validated() -> None:
 def test_mlflow_records_the_fixmatch_teacher_and_its_curves(
     tiny_config: Config, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        None,
-        {**TINY, "data.root": tiny_config.data.root, "device": "cpu", **FIXMATCH},
-        max_iterations=0,
-    )
+    cfg = tracked_config(Path(tiny_config.data.root), **FIXMATCH)
+    cfg = load_config(None, cfg.model_dump(mode="json"), max_iterations=0)
     layout = RunLayout(tmp_path / "run")
     pipeline.run_all(cfg, layout)
     with mlflow_store(tmp_path) as client:
@@ -251,5 +249,5 @@ def test_mlflow_records_the_fixmatch_teacher_and_its_curves(
         )
         assert (params["adaptive_threshold"], params["ema_decay"]) == ("False", "0.0")
         run_id = teacher.info.run_id
-        curve = client.get_metric_history(run_id, "unlabeled_mask_rate")
+        curve = client.get_metric_history(run_id, "epoch/unlabeled_mask_rate")
         assert sorted(m.step for m in curve) == [1, 2]
