@@ -32,7 +32,7 @@ from noisy_student.config import Config, load_config
 from noisy_student.data import fetch
 from noisy_student.io import read_json
 from noisy_student.report import markdown_table
-from noisy_student.runs import RunLayout
+from noisy_student.runs import PER_CLASS, RunLayout
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "fashion_mnist.yaml"
 
@@ -53,7 +53,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "weak-teacher": {"teacher.augment": "weak"},
     "promote-always": {"student.promote": "always"},
     "no-tta": {"pseudo_label.tta": "none"},
+    # The teacher learns from the pool too (FixMatch); with a FixMatch recipe (--set
+    # teacher.method=fixmatch ...), its moving average or adaptive thresholds off.
+    "fixmatch-teacher": {"teacher.method": "fixmatch", "teacher.augment": "weak"},
+    "no-ema": {"teacher.ema_decay": 0.0},
+    "no-adaptive": {"teacher.adaptive_threshold": False},
 }
+
+
+# Where the errors concentrate: the upper-body garments, each a column of the rows.
+CONFUSED = ("T-shirt/top", "Pullover", "Coat", "Shirt")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -85,6 +94,12 @@ def run_loop(cfg: Config, root: Path) -> tuple[list[dict[str, Any]], float]:
     for row in table.to_dict("records"):
         i = int(row["iteration"])
         kept = read_json(layout.pseudo_dir(i) / "metrics.json") if i else {}
+        per_class = pd.read_csv(layout.model_dir(i) / PER_CLASS).set_index("class")
+        confused = {
+            f"test_{name}": round(float(per_class.loc[name, "test_accuracy"]), 4)
+            for name in CONFUSED
+            if name in per_class.index
+        }
         rows.append(
             {
                 "model": row["model"],
@@ -97,6 +112,7 @@ def run_loop(cfg: Config, root: Path) -> tuple[list[dict[str, Any]], float]:
                 "test_acc": row["test_accuracy"],
                 "promoted": bool(row["promoted"]),
                 "seconds": round(seconds[i], 1),
+                **confused,
             }
         )
     return rows, wall

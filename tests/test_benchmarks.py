@@ -89,6 +89,7 @@ def test_fashion_mnist_benchmark_tabulates_the_loop(tmp_path: Path) -> None:
     assert "supervised, 50 labels (the teacher)" in out
     assert "recipe: final model" in out
     assert (tmp_path / "rows.csv").read_text().count("\n") == 3  # header, teacher, student
+    assert "test_Shirt" in (tmp_path / "rows.csv").read_text().splitlines()[0]
 
 
 def test_orchestration_times_prefect_against_the_library() -> None:

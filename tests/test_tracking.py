@@ -216,6 +216,7 @@ def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_pat
         assert read_json(download(child, "classes.json", out)) == [str(d) for d in range(10)]
     teacher, student = (c.data.params for c in logged.children)
     assert (teacher["augment"], teacher["cutmix_alpha"]) == (logged.cfg.teacher.augment, "0.0")
+    assert teacher["method"] == "supervised" and "unlabeled_weight" not in teacher
     assert (student["augment"], student["cutmix_alpha"]) == ("strong", "0.0")
     assert (teacher["distillation"], student["distillation"]) == ("none", "none")
 

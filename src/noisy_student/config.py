@@ -121,6 +121,32 @@ class TeacherConfig(ModelSpec):
         description="CutMix Beta(a, a) on a share noise.mix_prob of the teacher's batches, "
         "after its strong augmentation; 0: off",
     )
+    method: Literal["supervised", "fixmatch"] = Field(
+        "supervised",
+        description="supervised: the labeled images only; fixmatch: the unlabeled pool too, "
+        "its confident predictions on a weak view as targets for a strong view",
+    )
+    unlabeled_ratio: float = Field(
+        7.0, gt=0, description="fixmatch: pool images per labeled image in a step (mu)"
+    )
+    threshold: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="fixmatch: min confidence on the weak view for its class to be a target",
+    )
+    unlabeled_weight: float = Field(
+        1.0, ge=0, description="fixmatch: weight of the pool's loss (lambda_u)"
+    )
+    adaptive_threshold: bool = Field(
+        False, description="fixmatch: FlexMatch's per-class thresholds, scaled by learning status"
+    )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fixmatch: moving average of the weights, per step, as the model kept; 0: off",
+    )
 
     @model_validator(mode="after")
     def _mix_needs_strong(self) -> TeacherConfig:
@@ -129,6 +155,27 @@ class TeacherConfig(ModelSpec):
                 f"cutmix_alpha: mixes on top of the strong augmentation, so it needs "
                 f"augment: 'strong', got {self.augment!r}; allowed: 0 with {self.augment!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _consistency(self) -> TeacherConfig:
+        if self.method == "fixmatch" and self.augment != "weak":
+            raise ValueError(
+                f"augment: method 'fixmatch' takes its labeled batch and weak view from "
+                f"augment, which must be 'weak', got {self.augment!r} (its strong view is "
+                f"RandAugment with noise.randaugment_ops/magnitude)"
+            )
+        if self.method == "supervised":
+            if self.adaptive_threshold:
+                raise ValueError(
+                    "adaptive_threshold: thresholds the pool's pseudo-labels, so it needs "
+                    "method: 'fixmatch'; allowed with 'supervised': false"
+                )
+            if self.ema_decay > 0:
+                raise ValueError(
+                    f"ema_decay: averages the weights of method 'fixmatch' only, got "
+                    f"{self.ema_decay} with method: 'supervised'; allowed: 0"
+                )
         return self
 
 

@@ -17,8 +17,10 @@ from torch import nn
 
 from noisy_student.augment import build_augment
 from noisy_student.config import Config
+from noisy_student.consistency import ConsistencySettings, train_fixmatch
 from noisy_student.data import ImageSet, load_images, make_splits
 from noisy_student.engine import (
+    Images,
     TrainData,
     TrainSettings,
     accuracy,
@@ -217,19 +219,26 @@ def train(
     name = model_name(iteration, spec)
     log.info("training %s on %d images (%d pseudo-labeled)", name, len(train_data), n_pseudo)
     start = time.perf_counter()
-    history = train_model(
-        model,
-        train_data,
-        settings,
-        augment,
-        device,
-        val=val_set,
-        loss_fn=loss_fn,
-        param_groups=optimizer_param_groups(model, spec.transfer, tc.lr, spec.backbone_lr_scale),
-        teacher=teacher,
-        on_train_mode=apply_freeze if spec.transfer == "freeze" else None,
-        on_epoch=on_epoch,
-    )
+    if not student and cfg.teacher.method == "fixmatch":
+        model, history = _train_fixmatch(
+            cfg, layout, model, data, train_data, settings, device, val_set, on_epoch
+        )
+    else:
+        history = train_model(
+            model,
+            train_data,
+            settings,
+            augment,
+            device,
+            val=val_set,
+            loss_fn=loss_fn,
+            param_groups=optimizer_param_groups(
+                model, spec.transfer, tc.lr, spec.backbone_lr_scale
+            ),
+            teacher=teacher,
+            on_train_mode=apply_freeze if spec.transfer == "freeze" else None,
+            on_epoch=on_epoch,
+        )
     if student and cfg.student.finetune_epochs:
         log.info("fine-tuning %s on the labeled images", name)
         finetune = TrainSettings(
@@ -292,6 +301,52 @@ def train(
             teacher_iteration,
         )
     return out
+
+
+def _train_fixmatch(
+    cfg: Config,
+    layout: RunLayout,
+    model: nn.Module,
+    data: ImageSet,
+    labeled: TrainData,
+    settings: TrainSettings,
+    device: torch.device,
+    val: tuple[Images, np.ndarray, torch.Tensor],
+    on_epoch: Callable[[dict], None] | None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """The teacher trained by FixMatch on the labeled split and the unlabeled pool; returns
+    the model to keep (the weights' moving average when ``teacher.ema_decay`` > 0)."""
+    pool = _split(layout, "unlabeled")
+    if pool.empty:
+        raise ValueError("teacher.method: 'fixmatch' needs an unlabeled pool; the pool is empty")
+    tc, noise = cfg.teacher, cfg.noise
+    return train_fixmatch(
+        model,
+        labeled,
+        data.images,
+        pool["image_id"].to_numpy(),
+        settings,
+        ConsistencySettings(
+            tc.unlabeled_ratio,
+            tc.threshold,
+            tc.unlabeled_weight,
+            tc.adaptive_threshold,
+            tc.ema_decay,
+        ),
+        build_augment("weak", hflip=cfg.data.hflip),
+        build_augment(
+            "strong",
+            randaugment_ops=noise.randaugment_ops,
+            randaugment_magnitude=noise.randaugment_magnitude,
+            hflip=cfg.data.hflip,
+        ),
+        device,
+        val=val,
+        pool_labels=_column(pool, "hidden_label"),
+        param_groups=optimizer_param_groups(model, tc.transfer, cfg.train.lr, tc.backbone_lr_scale),
+        on_train_mode=apply_freeze if tc.transfer == "freeze" else None,
+        on_epoch=on_epoch,
+    )
 
 
 def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -263,14 +263,26 @@ def _train_params(cfg: Config, layout: RunLayout, iteration: int) -> dict[str, A
         "epochs": cfg.epochs_for(iteration),
     }
     if iteration == 0:
+        tc = cfg.teacher
+        consistency = {
+            "unlabeled_ratio": tc.unlabeled_ratio,
+            "threshold": tc.threshold,
+            "unlabeled_weight": tc.unlabeled_weight,
+            "adaptive_threshold": tc.adaptive_threshold,
+            "ema_decay": tc.ema_decay,
+            "randaugment_ops": cfg.noise.randaugment_ops,
+            "randaugment_magnitude": cfg.noise.randaugment_magnitude,
+        }
         return params | {
-            "augment": cfg.teacher.augment,
-            "cutmix_alpha": cfg.teacher.cutmix_alpha,
+            "augment": tc.augment,
+            "cutmix_alpha": tc.cutmix_alpha,
             "mixup_alpha": 0.0,
             "dropout": 0.0,
             "stochastic_depth": 0.0,
             "distillation": "none",  # a value, so that charts of the param show the teacher
             "finetune_epochs": 0,
+            "method": tc.method,
+            **(consistency if tc.method == "fixmatch" else {}),
         }
     pseudo = read_json(layout.pseudo_dir(iteration) / METRICS)
     return params | {
