@@ -21,19 +21,18 @@ def noisy_student(
 ) -> dict[str, Any]:
     """Run the loop with ``params_file``; ``iterations`` keeps the first N students and
     ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
-    ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps."""
+    ``runs_root/<config hash>``; a re-run reuses a finished step only while its files, code,
+    data and inputs are unchanged (tasks/cache.py), and runs it again otherwise."""
     cfg = load_config(params_file, overrides, max_iterations=iterations)
     preflight(cfg)  # what this machine or the data cannot give the run, before any task
     config = cfg.model_dump(mode="json")
     run_dir = str(Path(runs_root) / cfg.fingerprint())
-    # Cached results point into run_dir: recompute them when it is gone.
-    fresh = {"refresh_cache": not Path(run_dir).exists()}
 
-    steps.prepare.with_options(**fresh)(config, run_dir)
-    steps.train.with_options(**fresh)(config, run_dir, 0)  # the teacher, no noise
+    splits = steps.prepare(config, run_dir)
+    models = [steps.train(config, run_dir, 0, [splits])]  # the teacher, no noise
     for iteration in sorted(cfg.iterations):
-        steps.pseudo_label.with_options(**fresh)(config, run_dir, iteration)
-        steps.train.with_options(**fresh)(config, run_dir, iteration)  # noised student
+        pseudo = steps.pseudo_label(config, run_dir, iteration, [splits, *models])
+        models.append(steps.train(config, run_dir, iteration, [splits, pseudo, *models]))
     return steps.report(config, run_dir)
 
 
