@@ -113,13 +113,22 @@ class TeacherConfig(ModelSpec):
     augment: Literal["none", "weak", "classic", "strong"] = Field(
         "weak",
         description="teacher augmentation: none, weak (crop/flip), classic, or strong "
-        "(RandAugment with noise.randaugment_ops/magnitude, then crop/flip)",
+        "(RandAugment with teacher.randaugment_ops/magnitude, then crop/flip)",
+    )
+    # The teacher's own RandAugment and mixing keys, so a sweep of the students' noise
+    # leaves the teacher (and its DVC stage) alone.
+    randaugment_ops: int = Field(2, ge=0, le=14, description="RandAugment N of augment: strong")
+    randaugment_magnitude: int = Field(
+        5, ge=0, le=30, description="RandAugment M (0-30) of augment: strong"
     )
     cutmix_alpha: float = Field(
         0.0,
         ge=0,
-        description="CutMix Beta(a, a) on a share noise.mix_prob of the teacher's batches, "
+        description="CutMix Beta(a, a) on a share teacher.mix_prob of the teacher's batches, "
         "after its strong augmentation; 0: off",
+    )
+    mix_prob: float = Field(
+        0.5, ge=0, le=1, description="share of the teacher's batches mixed (cutmix_alpha > 0)"
     )
 
     @model_validator(mode="after")

@@ -192,10 +192,10 @@ def train(
         train_data = labeled_data
         augment = build_augment(
             cfg.teacher.augment,
-            randaugment_ops=cfg.noise.randaugment_ops,
-            randaugment_magnitude=cfg.noise.randaugment_magnitude,
+            randaugment_ops=cfg.teacher.randaugment_ops,
+            randaugment_magnitude=cfg.teacher.randaugment_magnitude,
             cutmix_alpha=cfg.teacher.cutmix_alpha,
-            mix_prob=cfg.noise.mix_prob,
+            mix_prob=cfg.teacher.mix_prob,
             hflip=cfg.data.hflip,
         )
     val = _split(layout, "val")

@@ -265,7 +265,10 @@ def _train_params(cfg: Config, layout: RunLayout, iteration: int) -> dict[str, A
     if iteration == 0:
         return params | {
             "augment": cfg.teacher.augment,
+            "randaugment_ops": cfg.teacher.randaugment_ops,
+            "randaugment_magnitude": cfg.teacher.randaugment_magnitude,
             "cutmix_alpha": cfg.teacher.cutmix_alpha,
+            "mix_prob": cfg.teacher.mix_prob,
             "mixup_alpha": 0.0,
             "dropout": 0.0,
             "stochastic_depth": 0.0,
