@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "prepare":
-        pipeline.prepare(cfg, layout)
+        try:
+            pipeline.prepare(cfg, layout)
+        except (FileNotFoundError, ValueError) as err:  # data that cannot give the splits
+            print(f"noisy-student: prepare: {err}", file=sys.stderr)
+            return 2
     elif args.command in ("train", "pseudo-label", "report", "run"):
         return _step(args, cfg, layout)
     elif args.command == "show":

@@ -57,13 +57,31 @@ class DataConfig(_Strict):
         "listed in skipped.json otherwise)",
     )
     hflip: bool = Field(False, description="random horizontal flips (not for digits or text)")
-    labeled_per_class: int = Field(10, ge=1, description="labeled images per class")
+    labeled_per_class: int = Field(
+        10,
+        ge=1,
+        description="labeled images per class drawn from the training partition "
+        "(imagefolder: only with cap_labeled)",
+    )
+    cap_labeled: bool = Field(
+        False,
+        description="imagefolder: keep labeled_per_class images of each labeled class, the "
+        "rest joining the pool (reported with counts); false: the labeled folder is used whole",
+    )
     val_per_class: int = Field(
         20, ge=1, description="validation images per class (unless the source has a val split)"
     )
     test_per_class: int = Field(
         40, ge=1, description="test images per class (unless the source has a test split)"
     )
+
+    @property
+    def labeled_limit(self) -> int | None:
+        """Labeled images per class, or None for all: a user's own labeled folder is used
+        whole unless a cap is asked for; benchmark sources always draw the budget."""
+        if self.source == "imagefolder" and not self.cap_labeled:
+            return None
+        return self.labeled_per_class
 
 
 class TrainConfig(_Strict):
