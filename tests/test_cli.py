@@ -58,6 +58,8 @@ def test_imagefolder_fetch_and_prepare_skip_and_report_corrupt_files(tmp_path: P
     write_params(tmp_path)
     fetched = cli("data", "fetch", cwd=tmp_path)
     assert fetched.returncode == 0, fetched.stderr
+    listed = tmp_path / "data" / "imagefolder" / "skipped.json"
+    assert f"1 unreadable files skipped; listed in {listed.relative_to(tmp_path)}" in fetched.stdout
     prepared = cli("prepare", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     stats = read_json(tmp_path / "artifacts" / "splits" / "metrics.json")
