@@ -12,7 +12,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# Vega, Vega-Lite and Vega-Embed from the npm registry, inlined into the page template
+# `dvc plots show` uses (.dvc/config), so plots draw without internet.
+plots/offline.html: $(VENV)/.installed plots/package.json plots/package-lock.json plots/offline_template.py
+	npm ci --prefix plots --no-audit --no-fund --silent
+	$(VENV)/bin/python plots/offline_template.py
+
+install: $(VENV)/.installed plots/offline.html
 
 run: install
 	noisy-student data fetch

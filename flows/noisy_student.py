@@ -30,7 +30,8 @@ def noisy_student(
 ) -> dict[str, Any]:
     """Run the loop with ``params_file``; ``iterations`` keeps the first N students and
     ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
-    ``runs_root/<config hash>``, so a re-run with the same config reuses finished steps.
+    ``runs_root/<config hash>``; a re-run reuses a finished step only while its files, code,
+    data and inputs are unchanged (tasks/cache.py), and runs it again otherwise.
     Run options, which change no result: ``shard_count`` shards label the pool, on this
     process (``task_runner: local``) or on a Ray cluster (``ray``; ``ray_address``: auto,
     host:port, ray://host:10001, or None to start one here)."""
@@ -44,21 +45,23 @@ def noisy_student(
         shards.connect_ray(ray_address)
     config = cfg.model_dump(mode="json")
     run_dir = storage.join(runs_root, cfg.fingerprint())
-    # Cached results point into run_dir: recompute them when it is gone. On an object
-    # store, task results live beside the runs, not on one worker's disk.
-    refresh = not storage.exists(run_dir)
-    fresh = {"refresh_cache": refresh, **task_results(runs_root)}
+    # On an object store, task results live beside the runs, not on one worker's disk.
+    results = task_results(runs_root)
 
-    steps.prepare.with_options(**fresh)(config, run_dir)
-    steps.train.with_options(**fresh)(config, run_dir, 0)  # the teacher, no noise
+    prepare, train, label = (
+        step.with_options(**results) for step in (steps.prepare, steps.train, steps.pseudo_label)
+    )
+    splits = prepare(config, run_dir)
+    models = [train(config, run_dir, 0, [splits])]  # the teacher, no noise
     for iteration in sorted(cfg.iterations):
+        upstream = [splits, *models]
         if shard_count == 1 and task_runner == "local":
-            steps.pseudo_label.with_options(**fresh)(config, run_dir, iteration)
+            pseudo = label(config, run_dir, iteration, upstream)
         else:
-            label_in_shards.with_options(task_runner=runner)(
-                config, run_dir, iteration, shard_count, task_runner, runs_root, refresh
+            pseudo = label_in_shards.with_options(task_runner=runner)(
+                config, run_dir, iteration, shard_count, task_runner, runs_root, upstream
             )
-        steps.train.with_options(**fresh)(config, run_dir, iteration)  # noised student
+        models.append(train(config, run_dir, iteration, [splits, pseudo, *models]))  # student
     return steps.report(config, run_dir)
 
 
@@ -81,10 +84,11 @@ def label_in_shards(
     count: int,
     runner: str,
     runs_root: str,
-    refresh_cache: bool = False,
-) -> str:
-    """Fan out one task per shard on this subflow's task runner, then reduce."""
-    options = {"refresh_cache": refresh_cache, **task_results(runs_root)}
+    upstream: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Fan out one task per shard on this subflow's task runner, then reduce; ``upstream``
+    (the records of the steps labeling reads) keys every shard's cache."""
+    options = task_results(runs_root)
     ray_options = shards.shard_options(Config.model_validate(config), runner)
     if runner == "ray":
         from prefect_ray.context import remote_options
@@ -94,12 +98,14 @@ def label_in_shards(
         resources = nullcontext()
     label = shards.label_shard.with_options(**options)
     with resources:
-        futures = [label.submit(config, run_dir, iteration, i, count) for i in range(count)]
+        futures = [
+            label.submit(config, run_dir, iteration, i, count, upstream) for i in range(count)
+        ]
     wait(futures)
     for future in futures:
         future.result()  # a shard that failed after its retries fails the subflow
     merge = shards.merge_shards.with_options(**options)
-    return merge(config, run_dir, iteration, count)
+    return merge(config, run_dir, iteration, count, upstream)
 
 
 if __name__ == "__main__":  # python -m flows.noisy_student

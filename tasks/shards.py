@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,9 +17,10 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from noisy_student import pipeline, records
 from noisy_student.config import Config
-from noisy_student.shards import Shard
+from noisy_student.shards import Shard, stats_path
 from noisy_student.storage import run_step
-from tasks.steps import CACHED, _tags
+from tasks.cache import output_record
+from tasks.steps import CACHED, Records, _tags
 
 RUNNERS = ("local", "ray")
 # What a Ray worker needs from the driver's environment to report to the same Prefect
@@ -52,27 +54,38 @@ def _ray_worker() -> dict[str, Any]:
 
 @task(name="label-shard", task_run_name="label-{iteration}-shard-{index}-of-{count}", **CACHED)
 def label_shard(
-    config: dict[str, Any], run_dir: str, iteration: int, index: int, count: int
-) -> str:
-    """One shard of the pool; its part and statistics land under the run directory."""
+    config: dict[str, Any],
+    run_dir: str,
+    iteration: int,
+    index: int,
+    count: int,
+    upstream: Records | None = None,
+) -> dict[str, Any]:
+    """One shard of the pool; its part and statistics land under the run directory, and
+    its record names those two files alone (the other shards write beside them)."""
     cfg, shard, worker = Config.model_validate(config), Shard(index, count), _ray_worker()
-    return run_step(
+    part = run_step(
         run_dir,
         "shard",
         iteration,
         lambda layout: pipeline.label_shard(cfg, layout, iteration, shard, worker),
     )
+    folder, name = part.rsplit("/", 1)
+    return output_record(folder, only=(name, stats_path(Path(), shard).name))
 
 
 @task(name="merge-shards", task_run_name="merge-{iteration}-of-{count}", **CACHED)
-def merge_shards(config: dict[str, Any], run_dir: str, iteration: int, count: int) -> str:
+def merge_shards(
+    config: dict[str, Any],
+    run_dir: str,
+    iteration: int,
+    count: int,
+    upstream: Records | None = None,
+) -> dict[str, Any]:
     """The reduce: the manifest and metrics students read."""
     cfg = Config.model_validate(config)
-    return run_step(
-        run_dir,
-        "merge",
-        iteration,
-        lambda layout: _merge(cfg, layout, iteration, count),
+    return output_record(
+        run_step(run_dir, "merge", iteration, lambda layout: _merge(cfg, layout, iteration, count))
     )
 
 

@@ -1,6 +1,8 @@
-"""One Prefect task per pipeline step. Tasks exchange file paths, never tensors, and
-are cached on their inputs (the resolved config and the run directory, which is named
-after the config's hash), so re-running a flow skips the steps that already finished."""
+"""One Prefect task per pipeline step. Tasks exchange file paths, never tensors: each
+returns a record of the files it wrote (folder and digests). A task is cached on what
+decides its outputs (code, data, config, run directory, the records of the steps before
+it), and a cached record is trusted only while its files are unchanged (tasks/cache.py),
+so re-running a flow skips exactly the steps whose outputs are still good."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
 from noisy_student import pipeline, records
@@ -16,10 +17,10 @@ from noisy_student.config import Config
 from noisy_student.report import markdown_table
 from noisy_student.runs import RunLayout
 from noisy_student.storage import run_step, staged, step_needs
+from tasks.cache import StepCache, output_record
 
-CACHED = dict(
-    cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=1, retry_delay_seconds=5
-)
+Records = list[dict[str, Any]]  # what output_record returns, one per step
+CACHED = dict(cache_policy=StepCache(), persist_result=True, retries=1, retry_delay_seconds=5)
 
 
 def _tags() -> dict[str, str]:
@@ -28,30 +29,41 @@ def _tags() -> dict[str, str]:
 
 
 @task(name="prepare", task_run_name="prepare", **CACHED)
-def prepare(config: dict[str, Any], run_dir: str) -> str:
+def prepare(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     cfg = Config.model_validate(config)
-    return run_step(run_dir, "prepare", None, lambda layout: pipeline.prepare(cfg, layout))
+    return output_record(
+        run_step(run_dir, "prepare", None, lambda layout: pipeline.prepare(cfg, layout))
+    )
 
 
 @task(name="train", task_run_name="train-{iteration}", **CACHED)
-def train(config: dict[str, Any], run_dir: str, iteration: int) -> str:
+def train(
+    config: dict[str, Any], run_dir: str, iteration: int, upstream: Records | None = None
+) -> dict[str, Any]:
+    """``upstream``: the records of the steps it reads from, part of its cache key."""
     cfg = Config.model_validate(config)
-    return run_step(
-        run_dir,
-        "train",
-        iteration,
-        lambda layout: records.train_step(cfg, layout, iteration, "prefect", _tags()),
+    return output_record(
+        run_step(
+            run_dir,
+            "train",
+            iteration,
+            lambda layout: records.train_step(cfg, layout, iteration, "prefect", _tags()),
+        )
     )
 
 
 @task(name="pseudo-label", task_run_name="pseudo-label-{iteration}", **CACHED)
-def pseudo_label(config: dict[str, Any], run_dir: str, iteration: int) -> str:
+def pseudo_label(
+    config: dict[str, Any], run_dir: str, iteration: int, upstream: Records | None = None
+) -> dict[str, Any]:
     cfg = Config.model_validate(config)
-    return run_step(
-        run_dir,
-        "label",
-        iteration,
-        lambda layout: records.label_step(cfg, layout, iteration, "prefect", _tags()),
+    return output_record(
+        run_step(
+            run_dir,
+            "label",
+            iteration,
+            lambda layout: records.label_step(cfg, layout, iteration, "prefect", _tags()),
+        )
     )
 
 

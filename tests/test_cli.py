@@ -39,29 +39,52 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_imagefolder_fetch_and_prepare_skip_and_report_corrupt_files(tmp_path: Path) -> None:
-    make_tree(tmp_path / "photos")
+def write_params(where: Path, **overrides: object) -> None:
     cfg = load_config(
         None,
         {
             "data.source": "imagefolder",
-            "data.directory": str(tmp_path / "photos"),
+            "data.directory": str(where / "photos"),
             "data.image_size": 16,
             "data.labeled_per_class": 5,
+            **{f"data.{key}": value for key, value in overrides.items()},
         },
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (where / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+
+def test_imagefolder_fetch_and_prepare_skip_and_report_corrupt_files(tmp_path: Path) -> None:
+    make_tree(tmp_path / "photos")
+    write_params(tmp_path)
     fetched = cli("data", "fetch", cwd=tmp_path)
     assert fetched.returncode == 0, fetched.stderr
+    listed = tmp_path / "data" / "imagefolder" / "skipped.json"
+    assert f"1 unreadable files skipped; listed in {listed.relative_to(tmp_path)}" in fetched.stdout
     prepared = cli("prepare", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     stats = read_json(tmp_path / "artifacts" / "splits" / "metrics.json")
     assert stats["classes"] == ["cat", "dog"]
     assert stats["skipped_files"] == 1
-    assert (stats["labeled"], stats["val"], stats["test"]) == (10, 4, 4)
-    assert stats["unlabeled"] == 10 + 2 * 3  # the pool plus labeled images beyond the budget
+    # Every labeled image is used, whatever labeled_per_class says: no cap was asked for.
+    assert (stats["labeled"], stats["val"], stats["test"]) == (16, 4, 4)
+    assert stats["unlabeled"] == 10 and stats["labeled_moved_to_pool"] == 0
     skipped = read_json(tmp_path / "data" / "imagefolder" / "skipped.json")
     assert "broken.jpg" in str(skipped)
+
+    # A cap, asked for, keeps 5 of each class's 8 and says how many went to the pool.
+    write_params(tmp_path, cap_labeled=True)
+    prepared = cli("prepare", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    stats = read_json(tmp_path / "artifacts" / "splits" / "metrics.json")
+    assert (stats["labeled"], stats["unlabeled"], stats["labeled_moved_to_pool"]) == (10, 16, 6)
+    assert "cat 3, dog 3" in prepared.stderr
+
+    # A cap larger than a class is refused, naming the class, in one line.
+    write_params(tmp_path, cap_labeled=True, labeled_per_class=9)
+    prepared = cli("prepare", cwd=tmp_path)
+    assert prepared.returncode == 2
+    assert "class 'cat' has 8 images" in prepared.stderr, prepared.stderr
+    assert "Traceback" not in prepared.stderr
 
 
 def test_fetch_of_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -174,6 +174,18 @@ def test_splits_take_val_from_the_val_partition_and_may_use_all_train() -> None:
     assert splits["unlabeled"]["image_id"].tolist() == [9, 10]  # the train images all used
     with pytest.raises(ValueError, match="class 0 has 2 images in the train partition"):
         make_splits(labels, 2, 5, 1, seed=0, partition=partition)
+    with pytest.raises(ValueError, match="class 'ant' has 2 images in the train partition"):
+        make_splits(labels, 2, 5, 1, seed=0, partition=partition, class_names=["ant", "b", "c"])
+
+
+def test_splits_without_a_budget_label_every_train_image() -> None:
+    """``labeled_per_class=None``: a user's labels are all used; val and test are drawn
+    first where the source has no such partition, and none joins the pool."""
+    partition = np.array(["train"] * 12 + ["unlabeled"] * 2)
+    labels = np.array([0] * 6 + [1] * 6 + [-1, -1])
+    splits = make_splits(labels, None, 1, 2, seed=0, partition=partition)
+    assert (len(splits["labeled"]), len(splits["val"]), len(splits["test"])) == (6, 2, 4)
+    assert splits["unlabeled"]["image_id"].tolist() == [12, 13]
 
 
 def test_splits_refuse_a_test_class_with_no_train_image() -> None:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -96,11 +99,19 @@ def test_only_pseudo_rows_give_kd_alone() -> None:
     torch.testing.assert_close(loss, kd_loss(LOGITS, TEACHER, 1.0))
 
 
-def test_validation_is_scored_every_val_every_epochs_and_after_the_last() -> None:
+def test_validation_is_scored_every_val_every_epochs_and_after_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     rows = data(8, 0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     val = (rows.images, np.arange(4), torch.zeros(4, dtype=torch.long))
     settings = TrainSettings(5, 4, 0.1, 0.0, val_every=2)
-    history = train_model(model, rows, settings, build_augment("none"), torch.device("cpu"), val)
+    with caplog.at_level(logging.INFO, logger="noisy_student.engine"):
+        history = train_model(
+            model, rows, settings, build_augment("none"), torch.device("cpu"), val
+        )
     scored = [h["epoch"] for h in history if "val_accuracy" in h]
     assert scored == [2, 4, 5]
+    epoch_lines = [r.getMessage() for r in caplog.records if "loss" in r.getMessage()]
+    assert [("not scored" in line) for line in epoch_lines] == [True, False, True, False, False]
+    assert not any("nan" in line for line in epoch_lines)

@@ -250,7 +250,8 @@ def test_student_init_from_teacher_starts_from_its_weights(
 def test_teacher_cutmix_reaches_its_augmentation(
     tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``teacher.cutmix_alpha`` reaches the teacher's augmentation, at ``noise.mix_prob``."""
+    """``teacher.cutmix_alpha`` reaches the teacher's augmentation, at ``teacher.mix_prob``
+    and with the teacher's own RandAugment keys; the students' ``noise`` is not used."""
     calls = []
 
     def spy(policy: str, **kwargs: object):
@@ -264,7 +265,11 @@ def test_teacher_cutmix_reaches_its_augmentation(
         "device": "cpu",
         "teacher.augment": "strong",
         "teacher.cutmix_alpha": 1.0,
-        "noise.mix_prob": 1.0,
+        "teacher.mix_prob": 1.0,
+        "teacher.randaugment_ops": 1,
+        "teacher.randaugment_magnitude": 3,
+        "noise.mix_prob": 0.2,
+        "noise.randaugment_magnitude": 9,
     }
     cfg = load_config(None, overrides)
     layout = RunLayout(tmp_path)
@@ -273,3 +278,4 @@ def test_teacher_cutmix_reaches_its_augmentation(
     ((policy, kwargs),) = calls
     assert policy == "strong"
     assert kwargs["cutmix_alpha"] == 1.0 and kwargs["mix_prob"] == 1.0
+    assert kwargs["randaugment_ops"] == 1 and kwargs["randaugment_magnitude"] == 3

@@ -125,6 +125,7 @@ def test_imagefolder_class_too_small_is_named_by_its_folder(
         tmp_path / "data",
         **{
             "data.source": "imagefolder",
+            "data.cap_labeled": True,
             "data.labeled_per_class": 2,
             "data.val_per_class": 1,
             "data.test_per_class": 1,

@@ -24,7 +24,9 @@ def print_table(table: pd.DataFrame) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    out = Table(title="Noisy Student iterations")
+    from noisy_student.report import PSEUDO_LABEL_ACCURACY_NOTE
+
+    out = Table(title="Noisy Student iterations", caption=PSEUDO_LABEL_ACCURACY_NOTE)
     for column in (
         "iteration",
         "model",
@@ -307,16 +309,27 @@ def _main(args: argparse.Namespace) -> int:
             if (value := getattr(cfg.data, key, None)) is not None
         }
         try:
-            print(fetch(source, args.root or cfg.data.root, **options))
+            folder = fetch(source, args.root or cfg.data.root, **options)
         except (OSError, RuntimeError, ValueError) as err:
             print(f"noisy-student: data fetch {source}: {err}", file=sys.stderr)
             return 2
+        print(folder)
+        skipped = folder / "skipped.json"
+        if skipped.is_file():
+            count = len(json.loads(skipped.read_text(encoding="utf-8")))
+            print(
+                f"noisy-student: data fetch: {count} unreadable files skipped; listed in {skipped}"
+            )
     elif args.command == "validate":
         import yaml
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "prepare":
-        pipeline.prepare(cfg, layout)
+        try:
+            pipeline.prepare(cfg, layout)
+        except (FileNotFoundError, ValueError) as err:  # data that cannot give the splits
+            print(f"noisy-student: prepare: {err}", file=sys.stderr)
+            return 2
     elif args.command in ("train", "pseudo-label", "report", "run"):
         return _step(args, cfg, layout)
     elif args.command == "show":

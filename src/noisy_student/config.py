@@ -57,13 +57,31 @@ class DataConfig(_Strict):
         "listed in skipped.json otherwise)",
     )
     hflip: bool = Field(False, description="random horizontal flips (not for digits or text)")
-    labeled_per_class: int = Field(5, ge=1, description="labeled images per class")
+    labeled_per_class: int = Field(
+        5,
+        ge=1,
+        description="labeled images per class drawn from the training partition "
+        "(imagefolder: only with cap_labeled)",
+    )
+    cap_labeled: bool = Field(
+        False,
+        description="imagefolder: keep labeled_per_class images of each labeled class, the "
+        "rest joining the pool (reported with counts); false: the labeled folder is used whole",
+    )
     val_per_class: int = Field(
         20, ge=1, description="validation images per class (unless the source has a val split)"
     )
     test_per_class: int = Field(
         40, ge=1, description="test images per class (unless the source has a test split)"
     )
+
+    @property
+    def labeled_limit(self) -> int | None:
+        """Labeled images per class, or None for all: a user's own labeled folder is used
+        whole unless a cap is asked for; benchmark sources always draw the budget."""
+        if self.source == "imagefolder" and not self.cap_labeled:
+            return None
+        return self.labeled_per_class
 
 
 class TrainConfig(_Strict):
@@ -113,12 +131,18 @@ class TeacherConfig(ModelSpec):
     augment: Literal["none", "weak", "classic", "strong"] = Field(
         "weak",
         description="teacher augmentation: none, weak (crop/flip), classic, or strong "
-        "(RandAugment with noise.randaugment_ops/magnitude, then crop/flip)",
+        "(RandAugment with teacher.randaugment_ops/magnitude, then crop/flip)",
+    )
+    # The teacher's own RandAugment and mixing keys, so a sweep of the students' noise
+    # leaves the teacher (and its DVC stage) alone.
+    randaugment_ops: int = Field(2, ge=0, le=14, description="RandAugment N of augment: strong")
+    randaugment_magnitude: int = Field(
+        5, ge=0, le=30, description="RandAugment M (0-30) of augment: strong"
     )
     cutmix_alpha: float = Field(
         0.0,
         ge=0,
-        description="CutMix Beta(a, a) on a share noise.mix_prob of the teacher's batches, "
+        description="CutMix Beta(a, a) on a share teacher.mix_prob of the teacher's batches, "
         "after its strong augmentation; 0: off",
     )
     method: Literal["supervised", "fixmatch"] = Field(
@@ -146,6 +170,9 @@ class TeacherConfig(ModelSpec):
         ge=0,
         lt=1,
         description="fixmatch: moving average of the weights, per step, as the model kept; 0: off",
+    )
+    mix_prob: float = Field(
+        0.5, ge=0, le=1, description="share of the teacher's batches mixed (cutmix_alpha > 0)"
     )
 
     @model_validator(mode="after")

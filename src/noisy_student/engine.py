@@ -225,7 +225,7 @@ def train_model(
             epoch,
             settings.epochs,
             record["train_loss"],
-            f"{record.get('val_accuracy', float('nan')):.4f}",
+            f"{record['val_accuracy']:.4f}" if "val_accuracy" in record else "not scored",
         )
     return history
 

@@ -75,7 +75,7 @@ def prepare(cfg: Config, layout: RunLayout) -> Path:
     data = load_images(cfg.data.source, cfg.data.root)
     frames = make_splits(
         data.labels,
-        cfg.data.labeled_per_class,
+        cfg.data.labeled_limit,
         cfg.data.val_per_class,
         cfg.data.test_per_class,
         cfg.seed,
@@ -86,16 +86,37 @@ def prepare(cfg: Config, layout: RunLayout) -> Path:
     for name, frame in frames.items():
         write_parquet(layout.splits / f"{name}.parquet", frame)
     counts = {name: len(frame) for name, frame in frames.items()}
+    moved = _labeled_moved_to_pool(data, frames["unlabeled"])
     write_json(
         layout.splits / METRICS,
-        {"classes": data.classes, "skipped_files": len(data.skipped), **counts},
+        {
+            "classes": data.classes,
+            "skipped_files": len(data.skipped),
+            "labeled_moved_to_pool": sum(moved.values()),
+            **counts,
+        },
     )
+    if moved and cfg.data.source == "imagefolder":
+        log.warning(
+            "data.cap_labeled: kept %d labeled images per class; moved to the unlabeled pool "
+            "(their labels only score pseudo-labels): %s",
+            cfg.data.labeled_per_class,
+            ", ".join(f"{name} {count}" for name, count in moved.items()),
+        )
     if data.skipped:
         log.warning(
             "%d unreadable files were skipped; see the source's skipped.json", len(data.skipped)
         )
     log.info("prepared splits %s", counts)
     return layout.splits
+
+
+def _labeled_moved_to_pool(data: ImageSet, pool: pd.DataFrame) -> dict[str, int]:
+    """Per class name, the labeled ("train") images the split put in the unlabeled pool."""
+    ids = pool["image_id"].to_numpy()
+    moved = data.labels[ids][data.partition[ids] == "train"]
+    counts = np.bincount(moved, minlength=len(data.classes))
+    return {name: int(n) for name, n in zip(data.classes, counts, strict=True) if n}
 
 
 def _split(layout: RunLayout, name: str) -> pd.DataFrame:
@@ -204,10 +225,10 @@ def train(
         train_data = labeled_data
         augment = build_augment(
             cfg.teacher.augment,
-            randaugment_ops=cfg.noise.randaugment_ops,
-            randaugment_magnitude=cfg.noise.randaugment_magnitude,
+            randaugment_ops=cfg.teacher.randaugment_ops,
+            randaugment_magnitude=cfg.teacher.randaugment_magnitude,
             cutmix_alpha=cfg.teacher.cutmix_alpha,
-            mix_prob=cfg.noise.mix_prob,
+            mix_prob=cfg.teacher.mix_prob,
             hflip=cfg.data.hflip,
         )
     val = _split(layout, "val")
@@ -319,7 +340,7 @@ def _train_fixmatch(
     pool = _split(layout, "unlabeled")
     if pool.empty:
         raise ValueError("teacher.method: 'fixmatch' needs an unlabeled pool; the pool is empty")
-    tc, noise = cfg.teacher, cfg.noise
+    tc = cfg.teacher
     return train_fixmatch(
         model,
         labeled,
@@ -336,8 +357,8 @@ def _train_fixmatch(
         build_augment("weak", hflip=cfg.data.hflip),
         build_augment(
             "strong",
-            randaugment_ops=noise.randaugment_ops,
-            randaugment_magnitude=noise.randaugment_magnitude,
+            randaugment_ops=tc.randaugment_ops,
+            randaugment_magnitude=tc.randaugment_magnitude,
             hflip=cfg.data.hflip,
         ),
         device,
@@ -468,8 +489,10 @@ def describe(cfg: Config, table: pd.DataFrame) -> str:
     first = table.iloc[0]
     final = table.set_index("iteration").loc[final_iteration(table)]
     rejected = int((~table["promoted"].astype(bool)).sum())
+    limit = cfg.data.labeled_limit
+    labeled = "every labeled image" if limit is None else f"{limit} labels per class"
     return (
-        f"Noisy Student on {cfg.data.source}, {cfg.data.labeled_per_class} labels per class, "
+        f"Noisy Student on {cfg.data.source}, {labeled}, "
         f"{len(table) - 1} student iteration(s) ({rejected} not promoted), pseudo-labels "
         f"{cfg.pseudo_label.mode} (threshold {cfg.pseudo_label.threshold}), RandAugment "
         f"N={cfg.noise.randaugment_ops} M={cfg.noise.randaugment_magnitude}. Test accuracy: "

@@ -37,7 +37,7 @@ def check_data(cfg: Config) -> ImageSet:
     try:
         make_splits(
             data.labels,
-            cfg.data.labeled_per_class,
+            cfg.data.labeled_limit,
             cfg.data.val_per_class,
             cfg.data.test_per_class,
             cfg.seed,

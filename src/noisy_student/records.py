@@ -270,12 +270,13 @@ def _train_params(cfg: Config, layout: RunLayout, iteration: int) -> dict[str, A
             "unlabeled_weight": tc.unlabeled_weight,
             "adaptive_threshold": tc.adaptive_threshold,
             "ema_decay": tc.ema_decay,
-            "randaugment_ops": cfg.noise.randaugment_ops,
-            "randaugment_magnitude": cfg.noise.randaugment_magnitude,
         }
         return params | {
             "augment": tc.augment,
+            "randaugment_ops": tc.randaugment_ops,
+            "randaugment_magnitude": tc.randaugment_magnitude,
             "cutmix_alpha": tc.cutmix_alpha,
+            "mix_prob": tc.mix_prob,
             "mixup_alpha": 0.0,
             "dropout": 0.0,
             "stochastic_depth": 0.0,

@@ -53,6 +53,14 @@ def sample_rows(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return frame.sample(n, random_state=seed).sort_index()
 
 
+# Why a pseudo-label accuracy can be "-", under every iteration table.
+PSEUDO_LABEL_ACCURACY_NOTE = (
+    "pseudo-label accuracy: the share of pseudo-labels that match the pool's known labels; "
+    '"-" for the teacher (it learns from labels only) and where the source knows no label '
+    "for its unlabeled images (imagefolder's unlabeled/, STL-10's unlabeled split)."
+)
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """The table as GitHub markdown, floats to 4 decimals, missing values as ``-``."""
     cells = frame.astype(object).where(frame.notna(), None)  # tabulate marks only None missing
@@ -205,7 +213,7 @@ def write_report(
     the figures embedded, so it can be mailed or opened from an artifact store as is.
     ``figures`` maps a PNG file name in ``out`` to its caption."""
     out = Path(out)
-    md = [f"# {title}", "", description, "", markdown_table(table)]
+    md = [f"# {title}", "", description, "", markdown_table(table), PSEUDO_LABEL_ACCURACY_NOTE, ""]
     page = [
         "<!DOCTYPE html>",
         '<html><head><meta charset="utf-8">',
@@ -216,6 +224,7 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(description)}</p>",
         table.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}", border=0),
+        f"<p><small>{html.escape(PSEUDO_LABEL_ACCURACY_NOTE)}</small></p>",
     ]
     for name, caption in figures.items():
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]

@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import httpx
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
-from tests.e2e.conftest import base_env, free_port, make_repo_copy, run, stop, wait_http
+from tests.e2e.conftest import (
+    REPO,
+    base_env,
+    free_port,
+    make_repo_copy,
+    run,
+    stop,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -154,6 +165,49 @@ def test_plots_render_accuracy_by_iteration_and_per_class(repro: Path) -> None:
     assert sorted(v["class"] for v in values) == [str(c) for c in range(10)]
 
 
+def colored_pixels(png: Path) -> int:
+    """Pixels of a screenshot in colour (the plots' marks), not white, grey or black text."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        hsv = np.asarray(image.convert("RGB").convert("HSV"))
+    return int((hsv[..., 1] > 80).sum())
+
+
+def test_plots_page_draws_without_internet(repro: Path, tmp_path: Path) -> None:
+    """`dvc plots show` writes a page with Vega inlined (plots/offline.html, built by
+    `make install`); headless Chromium, with every host name unresolvable, draws it."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (`apt-get install chromium`, as .ci/run does)")
+    template = REPO / "plots" / "offline.html"
+    assert template.is_file(), "plots/offline.html is missing: run `make install`"
+    shutil.copy(template, repro / "plots" / "offline.html")
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "page")], repro)
+    page = tmp_path / "page" / "index.html"
+    assert "cdn.jsdelivr.net" not in page.read_text(encoding="utf-8")
+    shot = tmp_path / "plots.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--window-size=1200,4000",
+            "--virtual-time-budget=15000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    # One line plot alone draws over a thousand coloured pixels; a page whose scripts did
+    # not load is white.
+    assert colored_pixels(shot) > 1000
+
+
 def test_library_run_gives_the_same_files_as_dvc(repro: Path) -> None:
     """One implementation of every step: the in-process loop reproduces DVC's outputs."""
     run(["noisy-student", "--run-dir", "in-process", "run", "--no-mlflow"], repro)
@@ -226,3 +280,19 @@ def test_experiment_sweep_lists_its_metrics(repro: Path) -> None:
     table = run(["dvc", "exp", "show", "--csv"], repro).stdout
     row = next(line for line in table.splitlines() if "low-threshold" in line)
     assert ",0.3," in row
+
+    # The README's command, in a 120-column terminal: a few columns, no cell cut short.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = readme.split("\ndvc exp show", 1)[1].split("\n```", 1)[0]
+    command = "dvc exp show" + command.replace("\\\n", " ")
+    shown = run(
+        ["script", "-qec", f"{command} --no-pager", "/dev/null"],
+        repro,
+        base_env(COLUMNS="120", LINES="40", SHELL="/bin/bash"),
+    ).stdout
+    text = re.sub(r"\x1b\[[0-9;]*m", "", shown)
+    header = next(line for line in text.splitlines() if "Experiment" in line)
+    columns = header.split()
+    assert "final_test_accuracy" in columns and "pseudo_label.threshold" in columns, header
+    assert len(columns) <= 8, header
+    assert "\u2026" not in text, text

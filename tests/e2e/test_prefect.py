@@ -12,9 +12,30 @@ import httpx
 import mlflow
 import pytest
 
-from tests.e2e.conftest import base_env, free_port, make_repo_copy, run, stop, wait_http
+from tests.e2e.conftest import (
+    REPO,
+    base_env,
+    free_port,
+    make_repo_copy,
+    run,
+    stop,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
+
+
+def readme_setup() -> list[str]:
+    """The README's commands that create the work pools and the deployments."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Run on Prefect", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [
+        line.strip()
+        for line in section.splitlines()
+        if line.startswith(("prefect work-pool create", "prefect deploy"))
+    ]
+    assert commands[-1].startswith("prefect deploy --all"), commands
+    return commands
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +61,10 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, di
     worker = None
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, process=server)
-        run(["prefect", "work-pool", "create", "local", "--type", "process"], repo, env)
-        run(["prefect", "--no-prompt", "deploy", "--name", "local"], repo, env)
+        # The README's setup, as a user types it in a terminal (a pseudo-terminal here):
+        # it must ask nothing and leave both deployments created.
+        for command in readme_setup():
+            run(["script", "-qec", command, "/dev/null"], repo, {**env, "SHELL": "/bin/bash"})
         worker_log = open(tmp / "worker.log", "w")  # noqa: SIM115
         worker = subprocess.Popen(
             ["prefect", "worker", "start", "--pool", "local", "--type", "process"],
@@ -56,6 +79,18 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, di
             stop(worker)
         stop(server)
         log.close()
+
+
+def test_readme_setup_creates_both_deployments(prefect: tuple[Path, dict]) -> None:
+    repo, env = prefect
+    for name in ("local", "gpu"):
+        response = httpx.get(f"{env['PREFECT_API_URL']}/deployments/name/noisy-student/{name}")
+        response.raise_for_status()
+        deployment = response.json()
+        assert deployment["work_pool_name"] == name
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(repo.resolve())}}
+        ]
 
 
 def deployment_run(repo: Path, env: dict[str, str]) -> str:

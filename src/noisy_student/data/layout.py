@@ -150,18 +150,43 @@ def _write(folder: Path, classes: list[str], batches: Iterable[Batch]) -> None:
         (folder / SKIPPED).write_bytes(text.encode())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _scratch(folder: Path) -> Path:
+    """A new temporary folder for building ``folder`` (``data/<source>``): beside the data
+    root (``.data.tmp-<pid>-*``), so on the same filesystem for the final rename, yet
+    outside the DVC-tracked root, whose hash a killed fetch must not change. Leftovers of
+    fetches whose process is gone (killed) are removed first."""
+    root = folder.absolute().parent
+    prefix = f".{root.name}.tmp-"
+    for stale in root.parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root.parent))
+
+
 def write_layout(folder: str | Path, classes: list[str], batches: Iterable[Batch]) -> Path:
     """Stream ``batches`` into ``folder``, holding one batch of images at a time. The files
-    are built in a temporary folder beside it and swapped in whole, so a failed fetch leaves
-    the previous data as it was and never a mix."""
+    are built in a temporary folder outside the data root and swapped in whole, so a failed
+    fetch leaves the previous data as it was and never a mix, and a killed one leaves
+    nothing inside the root."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    building = _scratch(folder)
     try:
         _write(building, classes, batches)
         building.chmod(0o755)
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            old = _scratch(folder)
             os.replace(folder, old / folder.name)
             os.replace(building, folder)
             shutil.rmtree(old)

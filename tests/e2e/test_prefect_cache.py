@@ -1,0 +1,107 @@
+"""The Prefect flow's cache decides re-runs correctly: the real flow on Prefect's test
+harness (a temporary Prefect server), in two checkouts of tiny digits data. A finished run
+is reused; a change to the library, another checkout, or a deleted output makes the steps
+concerned run again instead of trusting results that no longer hold."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.noisy_student import noisy_student
+from noisy_student import versions
+from noisy_student.config import load_config
+from noisy_student.data import fetch
+from tests.e2e.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "device": "cpu",
+    "train.epochs": 1,
+    "teacher.epochs": 2,
+    "train.batch_size": 16,
+    "pseudo_label.threshold": 0.2,
+    "data.labeled_per_class": 5,
+    "data.val_per_class": 10,
+    "data.test_per_class": 10,
+}
+STEPS = {"prepare", "train-0", "pseudo-label-1", "train-1"}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("prefect-cache")
+    with (
+        prefect_test_harness(server_startup_timeout=300),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "results"}),
+    ):
+        yield tmp
+
+
+def checkout(where: Path) -> Path:
+    """A working copy as a user has it: params.yaml, data.dvc and the fetched data."""
+    where.mkdir(parents=True)
+    cfg = load_config(REPO / "params.yaml", TINY)
+    (where / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    shutil.copy(REPO / "data.dvc", where / "data.dvc")
+    fetch("digits", where / "data")
+    return where
+
+
+def run_flow(where: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Run the flow from ``where``; the state of each of its tasks."""
+    monkeypatch.chdir(where)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{where / 'mlflow.db'}")
+    state = noisy_student(iterations=1, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    return {run.name: run.state.name for run in runs}
+
+
+def test_cache_reuses_only_results_that_still_hold(
+    harness: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = checkout(harness / "first")
+    states = run_flow(first, monkeypatch)
+    assert states == dict.fromkeys([*STEPS, "report"], "Completed")
+
+    # A deleted output and a changed one: their steps run again (and whatever reads a
+    # changed result); the steps whose files still hold are reused, and the report works.
+    [model] = (first / "runs").glob("*/models/iter_1/model.pt")
+    model.unlink()
+    [labels] = (first / "runs").glob("*/pseudo/iter_1/pseudo_labels.parquet")
+    labels.write_bytes(b"not a manifest")
+    states = run_flow(first, monkeypatch)
+    assert states == {
+        "prepare": "Cached",
+        "train-0": "Cached",
+        "pseudo-label-1": "Completed",
+        "train-1": "Completed",
+        "report": "Completed",
+    }
+    assert model.is_file()
+
+    # A second checkout on the same machine computes its own results in its own run dir.
+    second = checkout(harness / "second")
+    states = run_flow(second, monkeypatch)
+    assert {name: states[name] for name in STEPS} == dict.fromkeys(STEPS, "Completed")
+    assert len(list((second / "runs").glob("*/models/iter_1/model.pt"))) == 1
+
+    # A change to the library (its code version) runs every step again.
+    monkeypatch.setattr(versions, "code_version", lambda: "edited-library")
+    states = run_flow(first, monkeypatch)
+    assert {name: states[name] for name in STEPS} == dict.fromkeys(STEPS, "Completed")
