@@ -118,8 +118,9 @@ def process_group(
 
 
 def active() -> tuple[int, int] | None:
-    """(rank, world size) inside a process group of more than one process, else None."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """(rank, world size) inside a process group, else None. :func:`process_group` forms
+    one only for several processes; Ray Train forms one for a single worker too."""
+    if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return None
 
@@ -132,7 +133,8 @@ def agree(value: int) -> int:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for each rank (augmentation, dropout), fixed by ``seed``."""
+    """A seed of its own for each rank but rank 0, which goes on with the process's own
+    stream (augmentation, dropout), fixed by ``seed``."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 

@@ -174,10 +174,11 @@ def train_model(
     runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
     ``on_epoch`` gets each epoch's history record as soon as it is complete (live tracking).
 
-    Under ``torch.distributed`` (a launcher started several processes) every rank steps
-    through the same plan, each on its rows of every global batch, and DDP averages the
-    gradients; augmentation and dropout draw from a seed of each rank's own. A non-finite
-    epoch loss raises :class:`TrainingDiverged` on every rank.
+    In a ``torch.distributed`` process group every rank steps through the same plan, each
+    on its rows of every global batch, and DDP averages the gradients; rank 0 draws
+    augmentation and dropout from the process's own stream, every other rank from a seed
+    of its own, so a group of one trains exactly as a lone process. A non-finite epoch
+    loss raises :class:`TrainingDiverged` on every rank.
     """
     loss_fn = loss_fn or student_loss("none")
     place(model, device)
@@ -194,7 +195,8 @@ def train_model(
     plan = [epoch_batches(data, settings, generator) for _ in range(settings.epochs)]
     if ranks is not None:
         plan = [[distributed.shard(b, *ranks) for b in epoch_plan] for epoch_plan in plan]
-        torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
+        if ranks[0] > 0:
+            torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
     steps = sum(map(len, plan))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
