@@ -103,3 +103,11 @@ def test_orchestration_times_prefect_against_the_library() -> None:
     )  # fmt: skip
     match = re.search(r"library ([\d.]+) s, prefect deployment run ([\d.]+) s", out)
     assert match and all(float(seconds) > 0 for seconds in match.groups()), out
+
+
+def test_ddp_overhead_compares_a_group_of_one_with_the_plain_loop() -> None:
+    out = bench(
+        "benchmarks/ddp_overhead.py", "--images", "64", "--batch-size", "32", "--repeats", "1"
+    )
+    ratio = re.search(r"ratio ([\d.]+)x", out.splitlines()[-1])
+    assert ratio is not None and float(ratio.group(1)) > 0

@@ -182,3 +182,4 @@ def run_ray(cfg: Config, launch: Launch, run_dir: Path, iteration: int) -> None:
         run_config=RunConfig(name=f"noisy-student-train-{iteration}-{uuid.uuid4().hex[:8]}"),
     )
     trainer.fit()
+
