@@ -20,7 +20,7 @@ WORKDIR /opt/noisy-student
 # Dependencies first, so a code change does not reinstall them.
 COPY pyproject.toml README.md ./
 COPY src/noisy_student/__init__.py src/noisy_student/__init__.py
-RUN pip install --upgrade pip && pip install ".[scale]" prefect-kubernetes prefect-docker
+RUN pip install --upgrade pip && pip install ".[scale]"
 COPY . .
 RUN pip install --no-deps -e . && noisy-student --help > /dev/null
 
