@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from noisy_student import pipeline
-from noisy_student.config import ConfigError, load_config
+from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
@@ -167,7 +167,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def train(args: argparse.Namespace, cfg, layout: RunLayout, step: Callable) -> int:
+def train(args: argparse.Namespace, cfg: Config, layout: RunLayout, step: Callable) -> int:
     """Train in this process (``step``: the recorded or the plain training step), or
     launch the data-parallel job the options ask for."""
     from noisy_student import launch
@@ -193,9 +193,9 @@ def train(args: argparse.Namespace, cfg, layout: RunLayout, step: Callable) -> i
                 )
             return status
         step(cfg, layout, args.iteration)
-    except (DistributedError, TrainingDiverged) as err:
+    except (DistributedError, TrainingDiverged, launch.JobFailed) as err:
         print(f"noisy-student: train: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingDiverged) else 2
+        return 2 if isinstance(err, DistributedError) else 1
     return 0
 
 

@@ -25,6 +25,10 @@ from noisy_student.distributed import DistributedError, check_launch, cpu_share
 log = logging.getLogger(__name__)
 
 
+class JobFailed(RuntimeError):
+    """A launched training job that did not finish (its message is one line)."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """How many processes train one step, and where they meet."""
@@ -181,5 +185,8 @@ def run_ray(cfg: Config, launch: Launch, run_dir: Path, iteration: int) -> None:
         scaling_config=ScalingConfig(num_workers=launch.nproc, use_gpu=device == "cuda"),
         run_config=RunConfig(name=f"noisy-student-train-{iteration}-{uuid.uuid4().hex[:8]}"),
     )
-    trainer.fit()
-
+    try:
+        trainer.fit()
+    except ray.exceptions.RayError as err:  # TrainingFailedError and the like
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise JobFailed(f"the Ray Train job failed: {first}; nothing was written") from err

@@ -278,3 +278,21 @@ def test_bad_launches_fail_in_one_line_before_training(
     assert len(lines) == 1 and lines[0].startswith(f"noisy-student: train: {message}"), lines
     assert time.monotonic() - start < 60
     assert not (run_dir / "models").exists()
+
+
+def test_a_diverged_run_exits_non_zero_and_registers_nothing(work: Path) -> None:
+    run_dir = work / "diverged"
+    _write_params(work / "diverge.yaml", work / "data", **{"train.lr": 1e30})
+    store = work / "diverged-mlflow" / "mlflow.db"
+    store.parent.mkdir()
+    cmd = [*CLI, "--params", str(work / "diverge.yaml"), "--run-dir", str(run_dir), "run"]
+    result = _run(cmd, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    assert result.returncode == 1
+    assert "noisy-student: run: training diverged: the train loss of epoch 1 is" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (RunLayout(run_dir).model_dir(0) / MODEL).exists()
+    if store.exists():  # whatever was recorded, no model was registered or promoted
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}")
+        assert client.search_model_versions() == []
