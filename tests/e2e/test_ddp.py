@@ -39,7 +39,7 @@ OVERRIDES = {
     "student.unlabeled_ratio": 3.0,
 }
 CLI = [sys.executable, "-m", "noisy_student.cli"]
-TIMEOUT = 240
+TIMEOUT = 600
 
 
 def _write_params(path: Path, data_root: Path, **extra: object) -> Path:
