@@ -46,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, process=process)
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=300, process=process)
         for name, kind in POOLS.items():
             template = REPO / "work-pools" / f"{kind}-gpu.json"
             create = ["prefect", "work-pool", "create", name, "--type", kind]
