@@ -68,9 +68,14 @@ def _cli(work: Path, run_dir: Path, *args: str, params: str = "params.yaml") -> 
     return [*CLI, "--params", str(work / params), "--run-dir", str(run_dir), *args]
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """MLflow records off unless a test asks for them (and names its store)."""
+    return base_env(**{"NOISY_STUDENT_MLFLOW": "off", **extra})
+
+
 def _run(cmd: list[str], timeout: float = TIMEOUT, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, env=base_env(**env), capture_output=True, text=True, timeout=timeout, check=False
+        cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -94,9 +99,21 @@ def torchrun_teacher(work: Path) -> Path:
     """The teacher trained by the documented command: torchrun, two processes, gloo."""
     run_dir = _run_dir(work, "torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = _run([*cmd, *_cli(work, run_dir, "train", "--iteration", "0")[1:]])
+    store = f"sqlite:///{work / 'torchrun-mlflow.db'}"
+    train = _cli(work, run_dir, "train", "--iteration", "0")[1:]
+    result = _run([*cmd, *train], NOISY_STUDENT_MLFLOW="on", MLFLOW_TRACKING_URI=store)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def test_rank_0_alone_records_the_step(work: Path, torchrun_teacher: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'torchrun-mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    steps = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(steps) == 1 and steps[0].info.status == "FINISHED"
+    assert len(client.search_model_versions()) == 1
 
 
 # Run under torchrun in place of the CLI: trains as the CLI does, then each rank saves
@@ -178,7 +195,7 @@ def test_two_machines_meet_at_a_c10d_rendezvous(work: Path, torchrun_teacher: Pa
     agents = [
         subprocess.Popen(  # one core each: two one-core machines in one
             cmd,
-            env=base_env(),
+            env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
             preexec_fn=lambda core=i: os.sched_setaffinity(0, {core % os.cpu_count()}),
@@ -220,7 +237,7 @@ def test_a_killed_rank_fails_the_step_and_the_rerun_completes(work: Path) -> Non
     run_dir = _run_dir(work, "killed")
     _write_params(work / "long.yaml", work / "data", **{"teacher.epochs": 20})
     cmd = _cli(work, run_dir, "train", "--iteration", "0", "--nproc", "2", params="long.yaml")
-    job = subprocess.Popen(cmd, env=base_env(), stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
     for line in job.stderr:  # rank 0 logs each epoch; rank 1 is then mid-training
         if "epoch 1/20" in line:
             break
@@ -286,7 +303,7 @@ def test_a_diverged_run_exits_non_zero_and_registers_nothing(work: Path) -> None
     store = work / "diverged-mlflow" / "mlflow.db"
     store.parent.mkdir()
     cmd = [*CLI, "--params", str(work / "diverge.yaml"), "--run-dir", str(run_dir), "run"]
-    result = _run(cmd, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    result = _run(cmd, NOISY_STUDENT_MLFLOW="on", MLFLOW_TRACKING_URI=f"sqlite:///{store}")
     assert result.returncode == 1
     assert "noisy-student: run: training diverged: the train loss of epoch 1 is" in result.stderr
     assert "Traceback" not in result.stderr
