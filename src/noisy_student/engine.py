@@ -282,7 +282,8 @@ def _val_accuracy(
     correct = (probs.argmax(dim=-1) == labels[mine]).sum().to(device)
     scored = torch.tensor(len(probs), device=device)
     correct, count = distributed.sum_over_ranks(correct, scored)
-    return float(correct.item() / max(1.0, count.item()))
+    # In float32, as accuracy() computes it, so a group of one reports the very same figure.
+    return float(correct.to(torch.float32).cpu() / count.to(torch.float32).cpu().clamp_min(1))
 
 
 @torch.inference_mode()
