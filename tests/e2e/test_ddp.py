@@ -284,10 +284,9 @@ def _rank_process(launcher: int, rank: int, timeout: float = 60) -> psutil.Proce
 def test_bad_launches_fail_in_one_line_before_training(
     work: Path, batch_size: int, launch: list[str], message: str
 ) -> None:
-    run_dir = _run_dir(work, f"bad-{launch[1]}")
-    params = _write_params(
-        work / f"bad-{launch[1]}.yaml", work / "data", **{"train.batch_size": batch_size}
-    )
+    name = f"bad-{launch[0].strip('-')}-{launch[1]}"
+    run_dir = _run_dir(work, name)
+    params = _write_params(work / f"{name}.yaml", work / "data", **{"train.batch_size": batch_size})
     start = time.monotonic()
     result = _run(_cli(work, run_dir, "train", "--iteration", "0", *launch, params=params.name))
     assert result.returncode == 2
