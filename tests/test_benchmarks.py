@@ -116,3 +116,11 @@ def test_default_seeds_prints_each_seed_and_the_gains_mean_and_spread() -> None:
     )  # fmt: skip
     assert re.search(r"^seed 3: teacher test [\d.]+ .* gain [+-][\d.]+", out, re.M)
     assert re.search(r"^gain +[+-][\d.]+ ± [\d.]+$", out, re.M)
+
+
+def test_ddp_overhead_compares_a_group_of_one_with_the_plain_loop() -> None:
+    out = bench(
+        "benchmarks/ddp_overhead.py", "--images", "64", "--batch-size", "32", "--repeats", "1"
+    )
+    ratio = re.search(r"ratio ([\d.]+)x", out.splitlines()[-1])
+    assert ratio is not None and float(ratio.group(1)) > 0

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         steps.append(step)
     steps.append(sub.add_parser("report", help="summarize, print the table, close the records"))
+    _launch_options(sub.choices["train"])
     sub.add_parser("show", help="print the iteration table of a finished run")
     steps.append(sub.add_parser("run", help="run every step in this process (no DVC, Prefect)"))
     for step in steps:
@@ -142,6 +144,78 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, default=256, help="images per forward pass"
     )
     return parser
+
+
+def _launch_options(train: argparse.ArgumentParser) -> None:
+    """Run options of data-parallel training (never parameters: the fingerprint ignores
+    them)."""
+    group = train.add_argument_group("data-parallel training (see README: Scale out)")
+    group.add_argument(
+        "--nproc",
+        default="1",
+        help="processes on this machine, one per GPU ('auto': as many as GPUs); "
+        "with --ray, Ray Train workers in all (default 1: this process)",
+    )
+    group.add_argument("--nnodes", type=_positive, default=1, help="machines (torchrun)")
+    group.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (torchrun)")
+    group.add_argument("--rdzv-id", help="job id shared by every machine (torchrun)")
+    group.add_argument(
+        "--rdzv-timeout",
+        type=_positive,
+        default=300,
+        help="seconds to wait for the rendezvous and the other machines",
+    )
+    group.add_argument(
+        "--ray", metavar="ADDRESS", help="run on a Ray cluster ('auto': the running one)"
+    )
+
+
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """The command each launched process runs: this one without the launch options."""
+    return [
+        "--params",
+        args.params,
+        "--run-dir",
+        args.run_dir,
+        *(["-q"] if args.quiet else []),
+        "train",
+        "--iteration",
+        str(args.iteration),
+        *(["--no-mlflow"] if args.no_mlflow else []),
+        *(["--entry-point", args.entry_point] if args.entry_point else []),
+    ]
+
+
+def train(args: argparse.Namespace, cfg: Config, layout: RunLayout, step: Callable) -> int:
+    """Train in this process (``step``: the recorded or the plain training step), or
+    launch the data-parallel job the options ask for."""
+    from noisy_student import launch
+    from noisy_student.distributed import DistributedError
+    from noisy_student.engine import TrainingDiverged
+
+    try:
+        nproc = launch.resolve_nproc(args.nproc, cfg.device)
+        plan = launch.Launch(
+            nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.rdzv_timeout, args.ray
+        )
+        if plan.world_size > 1 or args.ray or args.rdzv_endpoint:
+            launch.check(cfg, plan)
+            if args.ray:
+                launch.run_ray(cfg, plan, layout.root, args.iteration)
+                return 0
+            status = launch.run_torchrun(plan, _child_args(args))
+            if status:
+                print(
+                    f"noisy-student: train: the {plan.world_size}-process job failed (exit "
+                    f"{status}; the failed rank is named above); nothing was written",
+                    file=sys.stderr,
+                )
+            return status
+        step(cfg, layout, args.iteration)
+    except (DistributedError, TrainingDiverged, launch.JobFailed) as err:
+        print(f"noisy-student: train: {err}", file=sys.stderr)
+        return 2 if isinstance(err, DistributedError) else 1
+    return 0
 
 
 def _stderr(message: str) -> None:
@@ -198,22 +272,28 @@ def predict(args: argparse.Namespace) -> int:
 
 def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     """A pipeline step, recorded in MLflow as it runs unless told not to."""
-    train, label, record = pipeline.train, pipeline.label_pool, False
-    if not args.no_mlflow:
+    train_step, label, record = pipeline.train, pipeline.label_pool, False
+    if not args.no_mlflow and int(os.environ.get("RANK", "0")) == 0:  # rank 0 records
         from noisy_student import records
 
         record = records.enabled()
     if record:
         entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
-        train = partial(records.train_step, entry_point=entry_point)
+        train_step = partial(records.train_step, entry_point=entry_point)
         label = partial(records.label_step, entry_point=entry_point)
     if args.command == "train":
-        train(cfg, layout, args.iteration)
+        return train(args, cfg, layout, train_step)
     elif args.command == "pseudo-label":
         return _pseudo_label(cfg, layout, args, label, entry_point if record else None)
     else:
         if args.command == "run":
-            pipeline.run_all(cfg, layout, train_step=train, label_step=label)
+            from noisy_student.engine import TrainingDiverged
+
+            try:
+                pipeline.run_all(cfg, layout, train_step=train_step, label_step=label)
+            except TrainingDiverged as err:
+                print(f"noisy-student: run: {err}", file=sys.stderr)
+                return 1
         table = pipeline.summarize(cfg, layout)
         print_table(table)
         if record:
@@ -259,8 +339,9 @@ def _staged_step(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     progress.configure(quiet=args.quiet)
@@ -301,6 +382,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
     layout = RunLayout(Path(args.run_dir))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+        print(
+            f"noisy-student: {args.command}: only `train` runs as several processes",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "data":
         source = args.source or cfg.data.source
         options = {

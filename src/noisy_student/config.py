@@ -92,6 +92,11 @@ class TrainConfig(_Strict):
     val_every: int = Field(
         1, ge=1, description="score validation every N epochs (and after the last one)"
     )
+    sync_batchnorm: bool = Field(
+        False,
+        description="data-parallel training on several GPUs: batch-norm statistics over the "
+        "global batch (SyncBatchNorm) instead of each GPU's share",
+    )
 
 
 class ModelSpec(_Strict):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from noisy_student import distributed
 from noisy_student.augment import Augment
 from noisy_student.losses import Loss, student_loss
 from noisy_student.progress import track
@@ -113,6 +114,11 @@ class TrainSettings:
     weight_decay: float
     unlabeled_ratio: float | None = None
     val_every: int = 1
+    sync_batchnorm: bool = False
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number: nothing trained is worth keeping."""
 
 
 def epoch_batches(
@@ -168,24 +174,37 @@ def train_model(
     ``param_groups`` sets per-group learning rates (transfer learning); ``on_train_mode``
     runs after ``model.train()`` (to keep a frozen backbone's batch norm in eval mode).
     ``on_epoch`` gets each epoch's history record as soon as it is complete (live tracking).
+
+    In a ``torch.distributed`` process group every rank steps through the same plan, each
+    on its rows of every global batch, and DDP averages the gradients; rank 0 draws
+    augmentation and dropout from the process's own stream, every other rank from a seed
+    of its own, so a group of one trains exactly as a lone process. A non-finite epoch
+    loss raises :class:`TrainingDiverged` on every rank.
     """
     loss_fn = loss_fn or student_loss("none")
     place(model, device)
     if teacher is not None:
         place(teacher, device).eval()
+    ranks = distributed.active()
+    net = model if ranks is None else distributed.wrap(model, device, settings.sync_batchnorm)
     groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
     optimizer = torch.optim.SGD(
         groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
     )
-    generator = torch.Generator().manual_seed(torch.initial_seed())
+    seed = torch.initial_seed() if ranks is None else distributed.agree(torch.initial_seed())
+    generator = torch.Generator().manual_seed(seed)
     plan = [epoch_batches(data, settings, generator) for _ in range(settings.epochs)]
+    if ranks is not None:
+        plan = [[distributed.shard(b, *ranks) for b in epoch_plan] for epoch_plan in plan]
+        if ranks[0] > 0:
+            torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
     steps = sum(map(len, plan))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
     )
     history = []
     for epoch, epoch_plan in enumerate(track(plan, "epochs", unit="epoch"), start=1):
-        model.train()
+        net.train()
         if on_train_mode is not None:
             on_train_mode(model)
         # Summed on the device: a .item() per step would wait for the GPU at every step.
@@ -200,7 +219,7 @@ def train_model(
                     teacher_logits = teacher(to_float(images, device)).float()
             inputs, targets = augment(images, targets)
             with _autocast(device):
-                logits = model(inputs)
+                logits = net(inputs)
             loss = loss_fn(logits.float(), targets, pseudo, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,15 +227,20 @@ def train_model(
             schedule.step()
             total_loss += loss.detach() * len(index)
             seen += len(index)
+        train_loss = _mean_loss(total_loss, seen, ranks is not None)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"training diverged: the train loss of epoch {epoch} is {train_loss} "
+                f"(train.lr {settings.lr}); stopped, nothing written"
+            )
         record = {
             "epoch": epoch,
-            "train_loss": total_loss.item() / max(1, seen),
+            "train_loss": train_loss,
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_seconds": time.perf_counter() - start,
         }
         if val is not None and (epoch % settings.val_every == 0 or epoch == settings.epochs):
-            images, ids, labels = val
-            record["val_accuracy"] = accuracy(predict_proba(model, images, device, ids=ids), labels)
+            record["val_accuracy"] = _val_accuracy(model, val, device, ranks)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -227,7 +251,40 @@ def train_model(
             record["train_loss"],
             f"{record['val_accuracy']:.4f}" if "val_accuracy" in record else "not scored",
         )
+    if ranks is not None:
+        distributed.sync_buffers(model)
+        distributed.unwrap_batchnorm(model)
     return history
+
+
+def _mean_loss(total: torch.Tensor, seen: int, across_ranks: bool) -> float:
+    """The epoch's mean training loss (over every rank's rows under DDP)."""
+    if not across_ranks:
+        return total.item() / max(1, seen)
+    total, count = distributed.sum_over_ranks(total, torch.tensor(seen, device=total.device))
+    return total.item() / max(1.0, count.item())
+
+
+def _val_accuracy(
+    model: nn.Module,
+    val: tuple[Images, np.ndarray, torch.Tensor],
+    device: torch.device,
+    ranks: tuple[int, int] | None,
+) -> float:
+    """Validation accuracy; under DDP each rank scores its share of the rows with rank 0's
+    batch-norm statistics and the counts are summed, so every rank gets the same figure."""
+    images, ids, labels = val
+    if ranks is None:
+        return accuracy(predict_proba(model, images, device, ids=ids), labels)
+    distributed.sync_buffers(model)
+    rank, world_size = ranks
+    mine = slice(rank, None, world_size)
+    probs = predict_proba(model, images, device, ids=ids[mine])
+    correct = (probs.argmax(dim=-1) == labels[mine]).sum().to(device)
+    scored = torch.tensor(len(probs), device=device)
+    correct, count = distributed.sum_over_ranks(correct, scored)
+    # In float32, as accuracy() computes it, so a group of one reports the very same figure.
+    return float(correct.to(torch.float32).cpu() / count.to(torch.float32).cpu().clamp_min(1))
 
 
 @torch.inference_mode()

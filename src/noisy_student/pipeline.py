@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from noisy_student import distributed
 from noisy_student.augment import build_augment
 from noisy_student.config import Config
 from noisy_student.consistency import ConsistencySettings, train_fixmatch
@@ -171,10 +172,24 @@ def train(
 ) -> Path:
     """Train the teacher (iteration 0: labeled data, no noise) or student ``iteration``
     (labeled + pseudo-labeled data, RandAugment + dropout + stochastic depth, optionally
-    CutMix/MixUp, distillation and a final fine-tune on the labeled data). ``on_epoch``
-    gets each epoch's history record as it completes, fine-tune epochs numbered on."""
-    seed_everything(cfg.seed + iteration)
+    CutMix/MixUp, distillation and a final fine-tune on the labeled data), in this process
+    or as one rank of a data-parallel job (torchrun, Ray Train): rank 0 alone writes.
+    ``on_epoch`` gets each epoch's history record as it completes, fine-tune epochs
+    numbered on (on rank 0 only)."""
     device = select_device(cfg.device)
+    with distributed.process_group(device, cfg.train.batch_size, cfg.train.sync_batchnorm) as group:
+        return _train(cfg, layout, iteration, group, on_epoch if group.main else None)
+
+
+def _train(
+    cfg: Config,
+    layout: RunLayout,
+    iteration: int,
+    group: distributed.Group,
+    on_epoch: Callable[[dict], None] | None,
+) -> Path:
+    seed_everything(cfg.seed + iteration)
+    device = group.device
     data = load_images(cfg.data.source, cfg.data.root)
     num_classes = len(data.classes)
     labeled = _split(layout, "labeled")
@@ -235,7 +250,13 @@ def train(
     val_set = (data.images, val["image_id"].to_numpy(), _column(val, "label"))
     tc = cfg.train
     settings = TrainSettings(
-        cfg.epochs_for(iteration), tc.batch_size, tc.lr, tc.weight_decay, ratio, tc.val_every
+        cfg.epochs_for(iteration),
+        tc.batch_size,
+        tc.lr,
+        tc.weight_decay,
+        ratio,
+        tc.val_every,
+        tc.sync_batchnorm,
     )
     name = model_name(iteration, spec)
     log.info("training %s on %d images (%d pseudo-labeled)", name, len(train_data), n_pseudo)
@@ -268,6 +289,7 @@ def train(
             tc.lr * cfg.student.finetune_lr_scale,
             tc.weight_decay,
             val_every=tc.val_every,
+            sync_batchnorm=tc.sync_batchnorm,
         )
         weak = build_augment("weak", hflip=cfg.data.hflip)
         done = len(history)
@@ -286,6 +308,8 @@ def train(
         )
         history += [renumbered(h) for h in more]
     seconds = time.perf_counter() - start
+    if not group.main:  # rank 0 evaluates and writes; the others wait for it
+        return layout.model_dir(iteration)
     val_probs = _predict(model, data, val, device)
     val_accuracy = accuracy(val_probs, _column(val, "label"))
     val_loss = _nll(val_probs, _column(val, "label"))
