@@ -32,7 +32,7 @@ def readme_setup() -> list[str]:
     commands = [
         line.strip()
         for line in section.splitlines()
-        if line.startswith(("prefect work-pool create", "prefect deploy"))
+        if line.startswith(("prefect work-pool create", "prefect deploy "))
     ]
     assert commands[-1].startswith("prefect deploy --all"), commands
     return commands
