@@ -51,7 +51,7 @@ def test_validate_passes_good_params(
     tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["--params", str(params(tmp_path, digits_root)), "validate"]) == 0
-    assert "labeled_per_class: 10" in capsys.readouterr().out
+    assert "labeled_per_class: 5" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
