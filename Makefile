@@ -4,13 +4,22 @@ PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install lint
+.PHONY: run test install lint lock
 
-$(VENV)/.installed: pyproject.toml
+# requirements/constraints.txt pins every package to the versions the suite last passed
+# with; without it a fresh upstream release can send pip's resolver backtracking for hours.
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
 	touch $@
+
+# After a change to the dependencies in pyproject.toml: install, test, then record the set.
+lock: $(VENV)/.installed
+	{ sed -n '1,/^$$/p' requirements/constraints.txt; \
+	  $(VENV)/bin/pip freeze --exclude-editable; } > requirements/constraints.txt.tmp
+	mv requirements/constraints.txt.tmp requirements/constraints.txt
+	touch $(VENV)/.installed
 
 # Vega, Vega-Lite and Vega-Embed from the npm registry, inlined into the page template
 # `dvc plots show` uses (.dvc/config), so plots draw without internet.
