@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.filesystems import RemoteFileSystem
 from prefect.futures import wait
 
-from noisy_student import storage
+from noisy_student import launch, storage
 from noisy_student.config import Config, load_config
 from noisy_student.preflight import preflight
 from noisy_student.shards import Shard
@@ -27,6 +27,7 @@ def noisy_student(
     shard_count: int = 1,
     task_runner: str = "local",
     ray_address: str | None = None,
+    nproc: str = "1",
 ) -> dict[str, Any]:
     """Run the loop with ``params_file``; ``iterations`` keeps the first N students and
     ``overrides`` sets dotted keys (``{"train.epochs": 2}``). Outputs go to
@@ -34,9 +35,11 @@ def noisy_student(
     data and inputs are unchanged (tasks/cache.py), and runs it again otherwise.
     Run options, which change no result: ``shard_count`` shards label the pool, on this
     process (``task_runner: local``) or on a Ray cluster (``ray``; ``ray_address``: auto,
-    host:port, ray://host:10001, or None to start one here)."""
+    host:port, ray://host:10001, or None to start one here); ``nproc`` processes train each
+    model on its worker (``auto``: one per GPU; torchrun, data-parallel)."""
     cfg = load_config(params_file, overrides, max_iterations=iterations)
     Shard(0, shard_count)  # a bad count fails here, before any work
+    launch.check(cfg, launch.Launch(launch.resolve_nproc(nproc, cfg.device)))
     runner = shards.task_runner(task_runner, ray_address)
     storage.check_root(runs_root)
     storage.check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
@@ -52,7 +55,7 @@ def noisy_student(
         step.with_options(**results) for step in (steps.prepare, steps.train, steps.pseudo_label)
     )
     splits = prepare(config, run_dir)
-    models = [train(config, run_dir, 0, [splits])]  # the teacher, no noise
+    models = [train(config, run_dir, 0, [splits], nproc)]  # the teacher, no noise
     for iteration in sorted(cfg.iterations):
         upstream = [splits, *models]
         if shard_count == 1 and task_runner == "local":
@@ -61,7 +64,7 @@ def noisy_student(
             pseudo = label_in_shards.with_options(task_runner=runner)(
                 config, run_dir, iteration, shard_count, task_runner, runs_root, upstream
             )
-        models.append(train(config, run_dir, iteration, [splits, pseudo, *models]))  # student
+        models.append(train(config, run_dir, iteration, [splits, pseudo, *models], nproc))
     return steps.report(config, run_dir)
 
 

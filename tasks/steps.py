@@ -6,13 +6,14 @@ so re-running a flow skips exactly the steps whose outputs are still good."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from noisy_student import pipeline, records
+from noisy_student import launch, pipeline, records
 from noisy_student.config import Config
 from noisy_student.report import markdown_table
 from noisy_student.runs import RunLayout
@@ -38,18 +39,23 @@ def prepare(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 @task(name="train", task_run_name="train-{iteration}", **CACHED)
 def train(
-    config: dict[str, Any], run_dir: str, iteration: int, upstream: Records | None = None
+    config: dict[str, Any],
+    run_dir: str,
+    iteration: int,
+    upstream: Records | None = None,
+    nproc: str = "1",
 ) -> dict[str, Any]:
-    """``upstream``: the records of the steps it reads from, part of its cache key."""
+    """``upstream``: the records of the steps it reads from, part of its cache key.
+    ``nproc``: processes training the step on this worker (``auto``: one per GPU)."""
     cfg = Config.model_validate(config)
-    return output_record(
-        run_step(
-            run_dir,
-            "train",
-            iteration,
-            lambda layout: records.train_step(cfg, layout, iteration, "prefect", _tags()),
-        )
-    )
+    processes = launch.resolve_nproc(nproc, cfg.device)
+
+    def step(layout: RunLayout) -> Path:
+        if processes == 1:
+            return records.train_step(cfg, layout, iteration, "prefect", _tags())
+        return launch.train_in_processes(cfg, layout.root, iteration, processes, "prefect")
+
+    return output_record(run_step(run_dir, "train", iteration, step))
 
 
 @task(name="pseudo-label", task_run_name="pseudo-label-{iteration}", **CACHED)

@@ -186,9 +186,16 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def train(args: argparse.Namespace, cfg: Config, layout: RunLayout, step: Callable) -> int:
+def train(
+    args: argparse.Namespace,
+    cfg: Config,
+    layout: RunLayout,
+    step: Callable,
+    entry_point: str | None = None,
+) -> int:
     """Train in this process (``step``: the recorded or the plain training step), or
-    launch the data-parallel job the options ask for."""
+    launch the data-parallel job the options ask for. Under torchrun rank 0 records as it
+    trains; a Ray Train job is recorded from its files after it ends (``entry_point``)."""
     from noisy_student import launch
     from noisy_student.distributed import DistributedError
     from noisy_student.engine import TrainingDiverged
@@ -202,6 +209,10 @@ def train(args: argparse.Namespace, cfg: Config, layout: RunLayout, step: Callab
             launch.check(cfg, plan)
             if args.ray:
                 launch.run_ray(cfg, plan, layout.root, args.iteration)
+                if entry_point is not None:
+                    from noisy_student import records
+
+                    records.record_training(cfg, layout, args.iteration, entry_point)
                 return 0
             status = launch.run_torchrun(plan, _child_args(args))
             if status:
@@ -272,19 +283,18 @@ def predict(args: argparse.Namespace) -> int:
 
 def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     """A pipeline step, recorded in MLflow as it runs unless told not to."""
-    train_step, label, record = pipeline.train, pipeline.label_pool, False
+    train_step, label, entry_point = pipeline.train, pipeline.label_pool, None
     if not args.no_mlflow and int(os.environ.get("RANK", "0")) == 0:  # rank 0 records
         from noisy_student import records
 
-        record = records.enabled()
-    if record:
-        entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
-        train_step = partial(records.train_step, entry_point=entry_point)
-        label = partial(records.label_step, entry_point=entry_point)
+        if records.enabled():
+            entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
+            train_step = partial(records.train_step, entry_point=entry_point)
+            label = partial(records.label_step, entry_point=entry_point)
     if args.command == "train":
-        return train(args, cfg, layout, train_step)
+        return train(args, cfg, layout, train_step, entry_point)
     elif args.command == "pseudo-label":
-        return _pseudo_label(cfg, layout, args, label, entry_point if record else None)
+        return _pseudo_label(cfg, layout, args, label, entry_point)
     else:
         if args.command == "run":
             from noisy_student.engine import TrainingDiverged
@@ -296,7 +306,7 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
                 return 1
         table = pipeline.summarize(cfg, layout)
         print_table(table)
-        if record:
+        if entry_point is not None:
             records.record_run(cfg, layout, entry_point)
     return 0
 

@@ -12,12 +12,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from noisy_student.config import Config
 from noisy_student.distributed import DistributedError, check_launch, cpu_share
@@ -149,6 +151,30 @@ def run_torchrun(launch: Launch, cli_args: list[str]) -> int:
     # torchrun would set 1 thread per process; each rank sizes its own (cpu_share).
     env = {"OMP_NUM_THREADS": str(cpu_share(launch.nproc)), **os.environ}
     return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def train_in_processes(
+    cfg: Config, run_dir: Path, iteration: int, nproc: int, entry_point: str
+) -> Path:
+    """The training step as a torchrun job of ``nproc`` processes on this machine, for a
+    caller that holds a config rather than a params file (a Prefect task on a worker with
+    several GPUs); rank 0 records it in MLflow as the CLI does. Returns the model folder."""
+    plan = Launch(nproc)
+    check(cfg, plan)
+    with tempfile.TemporaryDirectory(prefix="noisy-student-launch-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+        cli_args = ["--params", str(params), "--run-dir", str(run_dir), "-q", "train"]
+        cli_args += ["--iteration", str(iteration), "--entry-point", entry_point]
+        status = run_torchrun(plan, cli_args)
+    if status:
+        raise JobFailed(
+            f"the {nproc}-process training job failed (exit {status}; the failed rank is "
+            "named in its log); nothing was written"
+        )
+    from noisy_student.runs import RunLayout
+
+    return RunLayout(run_dir).model_dir(iteration)
 
 
 def _ray_worker(config: dict) -> None:

@@ -447,6 +447,17 @@ def record_pseudo_labels(
         _record_labels_after(records, cfg, layout, iteration, started)
 
 
+def record_training(
+    cfg: Config, layout: RunLayout, iteration: int, entry_point: str = "library"
+) -> None:
+    """Record a model trained elsewhere (on a Ray cluster, whose workers do not log) from
+    its files, once: the same params, per-epoch metrics, model and registered version."""
+    if enabled():
+        records = open_records(cfg, layout, entry_point)
+        if not _current(records, "train", iteration, layout.model_dir(iteration) / MODEL):
+            _record_training_after(records, cfg, layout, iteration)
+
+
 def _record_labels_after(
     records: Records, cfg: Config, layout: RunLayout, i: int, started: float | None = None
 ) -> None:

@@ -116,6 +116,28 @@ def test_rank_0_alone_records_the_step(work: Path, torchrun_teacher: Path) -> No
     assert len(client.search_model_versions()) == 1
 
 
+def test_the_prefect_train_task_launches_torchrun(
+    work: Path, torchrun_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow's ``nproc`` run option: the task's body trains as the documented torchrun
+    command does, and rank 0 records the step with the task's entry point."""
+    from mlflow import MlflowClient
+
+    from tasks.steps import train
+
+    run_dir, store = _run_dir(work, "task"), f"sqlite:///{work / 'task-mlflow.db'}"
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    config = load_config(work / "params.yaml").model_dump(mode="json")
+    record = train.fn(config, str(run_dir), 0, None, nproc="2")
+    assert Path(record["path"]) == RunLayout(run_dir).model_dir(0).resolve()
+    assert _same(_weights(torchrun_teacher), _weights(run_dir))
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [step] = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert step.data.tags["entry_point"] == "prefect"
+
+
 # Run under torchrun in place of the CLI: trains as the CLI does, then each rank saves
 # the parameters it ended with, which rank 0 alone would otherwise write.
 EACH_RANK = """\
@@ -208,29 +230,25 @@ def test_two_machines_meet_at_a_c10d_rendezvous(work: Path, torchrun_teacher: Pa
     assert _same(_weights(torchrun_teacher), _weights(run_dir))
 
 
-@pytest.fixture
-def ray_cluster(tmp_path: Path):
-    """A head with no CPUs and two one-CPU worker nodes, all on loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ray.cluster_utils import Cluster
+def test_ray_train_runs_the_same_loop(work: Path, torchrun_teacher: Path, ray_cluster) -> None:
+    """A head with no CPUs and two one-CPU worker nodes on loopback (tests/e2e/scale.py)."""
+    from mlflow import MlflowClient
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        yield cluster.address
-    finally:
-        cluster.shutdown()
-
-
-def test_ray_train_runs_the_same_loop(work: Path, torchrun_teacher: Path, ray_cluster: str):
-    run_dir = _run_dir(work, "ray")
-    cmd = _cli(work, run_dir, "train", "--iteration", "0", "--ray", ray_cluster, "--nproc", "2")
-    result = _run(cmd, HOME=str(work))  # Ray Train keeps its run state under ~/ray_results
+    run_dir, store = _run_dir(work, "ray"), f"sqlite:///{work / 'ray-mlflow.db'}"
+    address = ray_cluster.address
+    cmd = _cli(work, run_dir, "train", "--iteration", "0", "--ray", address, "--nproc", "2")
+    # Ray Train keeps its run state under ~/ray_results
+    result = _run(cmd, HOME=str(work), NOISY_STUDENT_MLFLOW="on", MLFLOW_TRACKING_URI=store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _written(run_dir) == _written(torchrun_teacher)
     assert _same(_weights(torchrun_teacher), _weights(run_dir))
+    # The driver records the job from its files: one step run, its epochs, one version.
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [step] = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert step.info.status == "FINISHED"
+    assert "epoch/train_loss" in step.data.metrics
+    assert len(client.search_model_versions()) == 1
 
 
 def test_a_killed_rank_fails_the_step_and_the_rerun_completes(work: Path) -> None:
