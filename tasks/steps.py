@@ -53,7 +53,7 @@ def train(
     def step(layout: RunLayout) -> Path:
         if processes == 1:
             return records.train_step(cfg, layout, iteration, "prefect", _tags())
-        return launch.train_in_processes(cfg, layout.root, iteration, processes, "prefect")
+        return launch.train_in_processes(cfg, layout, iteration, processes, "prefect")
 
     return output_record(run_step(run_dir, "train", iteration, step))
 
@@ -78,9 +78,9 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Summarize, close the run's MLflow records and publish the iteration table in
     Prefect."""
     cfg = Config.model_validate(config)
-    with staged(run_dir, step_needs("report")) as root:
-        table = pipeline.summarize(cfg, RunLayout(root))
-        run_id = records.record_run(cfg, RunLayout(root), "prefect", _tags())
+    with staged(run_dir, step_needs("report")) as layout:
+        table = pipeline.summarize(cfg, layout)
+        run_id = records.record_run(cfg, layout, "prefect", _tags())
     create_markdown_artifact(
         markdown=f"## Noisy Student iterations\n\n{pipeline.describe(cfg, table)}\n\n"
         f"{markdown_table(table)}\nMLflow parent run: `{run_id}`",

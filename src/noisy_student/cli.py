@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
     parser.add_argument("--run-dir", default="artifacts", help="run directory for all outputs")
+    # A local copy's URL (set when a step of an s3:// run directory runs on a staged copy):
+    # the records of every step of one run meet under one MLflow parent.
+    parser.add_argument("--run-origin", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -177,6 +180,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         args.params,
         "--run-dir",
         args.run_dir,
+        *(["--run-origin", args.run_origin] if args.run_origin else []),
         *(["-q"] if args.quiet else []),
         "train",
         "--iteration",
@@ -366,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_root(args.run_dir, "--run-dir")
         with storage.staged(
             args.run_dir, storage.step_needs(step, getattr(args, "iteration", None))
-        ) as root:
-            code = _main(argparse.Namespace(**{**vars(args), "run_dir": str(root)}))
+        ) as staged:
+            local = {"run_dir": str(staged.root), "run_origin": staged.origin}
+            code = _main(argparse.Namespace(**{**vars(args), **local}))
             if code:
                 raise _Failed(code)
     except ShardError as err:
@@ -391,7 +396,7 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
-    layout = RunLayout(Path(args.run_dir))
+    layout = RunLayout(Path(args.run_dir), origin=args.run_origin)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
         print(
             f"noisy-student: {args.command}: only `train` runs as several processes",

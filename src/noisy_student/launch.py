@@ -23,6 +23,7 @@ import yaml
 
 from noisy_student.config import Config
 from noisy_student.distributed import DistributedError, check_launch, cpu_share
+from noisy_student.runs import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def run_torchrun(launch: Launch, cli_args: list[str]) -> int:
 
 
 def train_in_processes(
-    cfg: Config, run_dir: Path, iteration: int, nproc: int, entry_point: str
+    cfg: Config, layout: RunLayout, iteration: int, nproc: int, entry_point: str
 ) -> Path:
     """The training step as a torchrun job of ``nproc`` processes on this machine, for a
     caller that holds a config rather than a params file (a Prefect task on a worker with
@@ -164,23 +165,21 @@ def train_in_processes(
     with tempfile.TemporaryDirectory(prefix="noisy-student-launch-") as tmp:
         params = Path(tmp) / "params.yaml"
         params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
-        cli_args = ["--params", str(params), "--run-dir", str(run_dir), "-q", "train"]
-        cli_args += ["--iteration", str(iteration), "--entry-point", entry_point]
+        cli_args = ["--params", str(params), "--run-dir", str(layout.root), "-q"]
+        cli_args += ["--run-origin", layout.origin] if layout.origin else []
+        cli_args += ["train", "--iteration", str(iteration), "--entry-point", entry_point]
         status = run_torchrun(plan, cli_args)
     if status:
         raise JobFailed(
             f"the {nproc}-process training job failed (exit {status}; the failed rank is "
             "named in its log); nothing was written"
         )
-    from noisy_student.runs import RunLayout
-
-    return RunLayout(run_dir).model_dir(iteration)
+    return layout.model_dir(iteration)
 
 
 def _ray_worker(config: dict) -> None:
     """One Ray Train worker: Ray has formed the process group; train as a rank of it."""
     from noisy_student import pipeline
-    from noisy_student.runs import RunLayout
 
     pipeline.train(Config.model_validate(config["cfg"]), RunLayout(config["run_dir"]), config["i"])
 

@@ -82,7 +82,7 @@ def enabled() -> bool:
 
 def run_key(cfg: Config, layout: RunLayout) -> str:
     """What identifies one pipeline run's records: params, code, data and outputs."""
-    parts = [cfg.fingerprint(), code_version(), data_version(), str(layout.root.resolve())]
+    parts = [cfg.fingerprint(), code_version(), data_version(), layout.identity]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

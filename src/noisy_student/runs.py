@@ -22,12 +22,20 @@ PER_CLASS = "per_class_accuracy.csv"
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where each step's files live inside a run directory."""
+    """Where each step's files live inside a run directory. ``origin`` is the run
+    directory's URL when ``root`` is a local copy of it (a step staged from s3://...)."""
 
     root: Path
+    origin: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def identity(self) -> str:
+        """Where the run lives, the same for every step: the URL of a staged copy, else
+        the absolute path."""
+        return self.origin or str(self.root.resolve())
 
     @property
     def splits(self) -> Path:

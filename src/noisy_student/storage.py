@@ -117,19 +117,20 @@ def publish(url: str, local: Path, before: dict[str, tuple[int, int]]) -> list[s
 
 
 @contextmanager
-def staged(url: str | Path, needs: Iterable[str]) -> Iterator[Path]:
-    """The run directory ``url`` as a local directory for one step: itself when local;
-    for a URL, a temporary copy of the files under ``needs``, whose new files are
-    published to ``url`` when the step returns (and dropped when it raises)."""
+def staged(url: str | Path, needs: Iterable[str]) -> Iterator[RunLayout]:
+    """The run directory ``url`` as a local one for one step: itself when local; for a
+    URL, a temporary copy of the files under ``needs`` (its layout's ``origin`` is the
+    URL), whose new files are published to ``url`` when the step returns (and dropped
+    when it raises)."""
     if not is_remote(url):
-        yield Path(url)
+        yield RunLayout(Path(url))
         return
     url = str(url)
     with tempfile.TemporaryDirectory(prefix="noisy-student-run-") as tmp:
         local = Path(tmp)
         download(url, local, needs)
         before = _snapshot(local)
-        yield local
+        yield RunLayout(local, origin=url)
         published = publish(url, local, before)
         log.info("published %d files to %s", len(published), url)
 
@@ -152,9 +153,9 @@ def run_step(
 ) -> str:
     """Run ``fn`` on the run directory ``run_dir`` staged for ``step``; return the path
     of its output in ``run_dir``, for any machine to read."""
-    with staged(run_dir, step_needs(step, iteration)) as root:
-        out = fn(RunLayout(root))
-    return join(run_dir, *Path(out).relative_to(root).parts)
+    with staged(run_dir, step_needs(step, iteration)) as layout:
+        out = fn(layout)
+    return join(run_dir, *Path(out).relative_to(layout.root).parts)
 
 
 def check_tracking_server(uri: str | None) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3fs import S3FileSystem
 
 from tests.e2e.conftest import BIN, REPO, base_env, free_port, wait_http
 
@@ -57,6 +58,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield {**S3_ENV, "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url}
     finally:
         _stop_group(server)
+        # s3fs keeps one client per set of arguments, bound to this server's endpoint:
+        # the next module's server has another port.
+        S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,18 @@ def test_a_step_publishes_its_files_only_when_it_succeeds(bucket: str) -> None:
     fs = fsspec.filesystem("s3")
     fs.pipe(f"{bucket.removeprefix('s3://')}/models/iter_0/metrics.json", b"{}")
     fs.pipe(f"{bucket.removeprefix('s3://')}/pseudo/iter_1/shards/part-x.parquet", b"x")
-    with storage.staged(bucket, storage.step_needs("label", 1)) as root:
+    with storage.staged(bucket, storage.step_needs("label", 1)) as layout:
+        root = layout.root
+        assert layout.origin == bucket
         assert (root / "models/iter_0/metrics.json").read_bytes() == b"{}"
         assert not (root / "pseudo").exists()  # a shard's parts only when merging
         (root / "pseudo/iter_1").mkdir(parents=True)
         (root / "pseudo/iter_1/pseudo_labels.parquet").write_bytes(b"rows")
         (root / "pseudo/iter_1/metrics.json").write_bytes(b"{}")
     assert storage.exists(storage.join(bucket, "pseudo/iter_1/pseudo_labels.parquet"))
-    with pytest.raises(RuntimeError), storage.staged(bucket, []) as root:
-        (root / "report").mkdir()
-        (root / "report/report.md").write_text("half")
+    with pytest.raises(RuntimeError), storage.staged(bucket, []) as layout:
+        (layout.root / "report").mkdir()
+        (layout.root / "report/report.md").write_text("half")
         raise RuntimeError("the step failed")
     assert not storage.exists(storage.join(bucket, "report"))
 
