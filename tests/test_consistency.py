@@ -163,6 +163,30 @@ def _digits_fixmatch(
     return model, kept, history, data, val
 
 
+def test_the_moving_average_warms_up_then_decays_at_its_rate() -> None:
+    """Update n uses min(decay, (1 + n) / (10 + n)): early weights fade within a short
+    schedule instead of weighing 0.999^steps at the end."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from noisy_student.consistency import ema_with_warmup
+
+    model = torch.nn.BatchNorm1d(1)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.9), use_buffers=True)
+    expected = None
+    for n in range(40):
+        with torch.no_grad():
+            model.weight.fill_(float(n))
+        model.num_batches_tracked.fill_(n)
+        ema.update_parameters(model)
+        rate = min(0.9, (1 + n) / (10 + n))
+        expected = float(n) if n == 0 else rate * expected + (1 - rate) * float(n)
+        assert ema.module.weight.item() == pytest.approx(expected)
+    assert ema.module.num_batches_tracked.item() == 39
+    # At the decay's rate, an average of weights rising by 1 per update lags the last
+    # by decay / (1 - decay) = 9 updates, less what the warm-up kept of the early ones.
+    assert ema.module.weight.item() == pytest.approx(35.0)
+
+
 def test_ema_weights_differ_from_the_trained_ones_and_are_the_model_kept(
     tiny_config: Config, tmp_path: Path
 ) -> None:
