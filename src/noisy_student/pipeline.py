@@ -71,10 +71,9 @@ from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_para
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: Config, layout: RunLayout) -> Path:
-    """Split the dataset into labeled / unlabeled / val / test manifests."""
-    data = load_images(cfg.data.source, cfg.data.root)
-    frames = make_splits(
+def split(cfg: Config, data: ImageSet) -> dict[str, pd.DataFrame]:
+    """The labeled / unlabeled / val / test manifests ``cfg`` asks of ``data``."""
+    return make_splits(
         data.labels,
         cfg.data.labeled_limit,
         cfg.data.val_per_class,
@@ -84,6 +83,12 @@ def prepare(cfg: Config, layout: RunLayout) -> Path:
         hidden_labels=data.hidden_labels,
         class_names=data.classes,
     )
+
+
+def prepare(cfg: Config, layout: RunLayout) -> Path:
+    """Split the dataset into labeled / unlabeled / val / test manifests."""
+    data = load_images(cfg.data.source, cfg.data.root)
+    frames = split(cfg, data)
     for name, frame in frames.items():
         write_parquet(layout.splits / f"{name}.parquet", frame)
     counts = {name: len(frame) for name, frame in frames.items()}

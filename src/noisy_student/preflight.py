@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from noisy_student.config import Config, ConfigError
-from noisy_student.data import ImageSet, load_images, make_splits
+from noisy_student.data import ImageSet, load_images
 from noisy_student.models import build_model
 
 
@@ -34,17 +34,10 @@ def check_data(cfg: Config) -> ImageSet:
         data = load_images(cfg.data.source, root)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.root: {err}") from None
+    from noisy_student.pipeline import split  # the split prepare makes, tried here
+
     try:
-        make_splits(
-            data.labels,
-            cfg.data.labeled_limit,
-            cfg.data.val_per_class,
-            cfg.data.test_per_class,
-            cfg.seed,
-            partition=data.partition,
-            hidden_labels=data.hidden_labels,
-            class_names=data.classes,
-        )
+        split(cfg, data)
     except ValueError as err:
         raise ConfigError(f"data.labeled_per_class: {err}") from None
     return data
