@@ -11,14 +11,13 @@ import json
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import REPO, base_env, free_port, run, stop, wait_http
+from tests.e2e.conftest import REPO, run
 
 pytestmark = pytest.mark.e2e
 
@@ -26,35 +25,14 @@ POOLS = {"gpu-kubernetes": "kubernetes", "gpu-docker": "docker"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A Prefect server on loopback with the two GPU pools created from the repository's
-    templates by the commands the README gives."""
-    tmp = tmp_path_factory.mktemp("pools")
-    port = free_port()
-    env = base_env(
-        PREFECT_HOME=str(tmp / "home"),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-    )
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=300, process=process)
-        for name, kind in POOLS.items():
-            template = REPO / "work-pools" / f"{kind}-gpu.json"
-            create = ["prefect", "work-pool", "create", name, "--type", kind]
-            run([*create, "--base-job-template", str(template)], REPO, env)
-        yield env
-    finally:
-        stop(process)
-        log.close()
+def server(prefect_server: dict[str, str]) -> dict[str, str]:
+    """A Prefect server on loopback (tests/e2e/scale.py) with the two GPU pools created
+    from the repository's templates by the commands the README gives."""
+    for name, kind in POOLS.items():
+        template = REPO / "work-pools" / f"{kind}-gpu.json"
+        create = ["prefect", "work-pool", "create", name, "--type", kind]
+        run([*create, "--base-job-template", str(template)], REPO, prefect_server)
+    return prefect_server
 
 
 def _stored_template(env: dict[str, str], name: str) -> dict:
