@@ -10,6 +10,10 @@ pseudo-labels); the official 10,000 test images give the test accuracy.
     python benchmarks/fashion_mnist.py --seeds 0 --ablations hard,no-noise,no-balance
     python benchmarks/fashion_mnist.py --set train.epochs=1 --set teacher.epochs=2 --limit 2
 
+``--work DIR --resume`` keeps the models an earlier run with the same settings left in
+DIR (each counted at the training time it recorded) and trains only the missing ones:
+students on top of a teacher trained before, without training it again.
+
 Every loop runs in this process through the library's steps (``pipeline``), each step
 timed; ``--out`` keeps the per-model rows as CSV.
 """
@@ -32,7 +36,7 @@ from noisy_student.config import Config, load_config
 from noisy_student.data import fetch
 from noisy_student.io import read_json
 from noisy_student.report import markdown_table
-from noisy_student.runs import PER_CLASS, RunLayout
+from noisy_student.runs import METRICS, PER_CLASS, RunLayout
 
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "fashion_mnist.yaml"
 
@@ -76,19 +80,27 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_loop(cfg: Config, root: Path) -> tuple[list[dict[str, Any]], float]:
-    """The whole loop, each step timed; one row per model and the loop's wall time."""
+def run_loop(cfg: Config, root: Path, resume: bool = False) -> tuple[list[dict[str, Any]], float]:
+    """The whole loop, each step timed; one row per model and the loop's wall time (with
+    ``resume``, the recorded training time of each model kept from an earlier run)."""
     layout = RunLayout(root)
     start = time.perf_counter()
     pipeline.prepare(cfg, layout)
     seconds = {0: 0.0}
+    kept = 0.0
     for iteration in [0, *sorted(cfg.iterations)]:
+        done = layout.model_dir(iteration) / METRICS
+        if resume and done.exists():
+            seconds[iteration] = read_json(done)["train_seconds"]
+            kept += seconds[iteration]
+            print(f"kept model {iteration} from {root} ({seconds[iteration]:.0f} s)")
+            continue
         step = time.perf_counter()
         if iteration:
             pipeline.label_pool(cfg, layout, iteration)
         pipeline.train(cfg, layout, iteration)
         seconds[iteration] = time.perf_counter() - step
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + kept
     table = pipeline.summarize(cfg, layout)
     rows = []
     for row in table.to_dict("records"):
@@ -140,7 +152,12 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the params')")
     parser.add_argument("--work", type=Path, default=None, help="keep run dirs here")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as CSV")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the models already trained in --work"
+    )
     args = parser.parse_args()
+    if args.resume and args.work is None:
+        raise SystemExit("--resume: needs --work, the folder of the run to resume")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     base = parse_sets(args.set) | {"data.root": str(args.data_root)}
@@ -173,7 +190,7 @@ def main() -> None:
         for (name, seed), cfg in configs.items():
             if args.only_ceiling:
                 break
-            models, wall = run_loop(cfg, work / f"{name}-{seed}")
+            models, wall = run_loop(cfg, work / f"{name}-{seed}", args.resume)
             rows += [{"variant": name, "seed": seed, **m, "loop_seconds": wall} for m in models]
             final = [m for m in models if m["promoted"]][-1]
             print(

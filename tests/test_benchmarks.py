@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO
@@ -74,7 +75,7 @@ def test_pool_scale_reports_memory_and_time_per_size() -> None:
 
 @pytest.mark.skipif(not FASHION.exists(), reason="needs the dataset-fashion-mnist package")
 def test_fashion_mnist_benchmark_tabulates_the_loop(tmp_path: Path) -> None:
-    out = bench(
+    loop = (
         "benchmarks/fashion_mnist.py",
         "--data-root", str(tmp_path),
         "--limit", "1",
@@ -84,12 +85,20 @@ def test_fashion_mnist_benchmark_tabulates_the_loop(tmp_path: Path) -> None:
         "--set", "data.labeled_per_class=5",
         "--set", "data.val_per_class=5",
         "--set", "device=cpu",
-        "--out", str(tmp_path / "rows.csv"),
+        "--work", str(tmp_path / "work"),
     )  # fmt: skip
+    out = bench(*loop, "--out", str(tmp_path / "rows.csv"))
     assert "supervised, 50 labels (the teacher)" in out
     assert "recipe: final model" in out
-    assert (tmp_path / "rows.csv").read_text().count("\n") == 3  # header, teacher, student
-    assert "test_Shirt" in (tmp_path / "rows.csv").read_text().splitlines()[0]
+    rows = (tmp_path / "rows.csv").read_text()
+    assert rows.count("\n") == 3  # header, teacher, student
+    assert "test_Shirt" in rows.splitlines()[0]
+
+    # Resumed, the loop keeps both models (it trains nothing) and tabulates them alike.
+    out = bench(*loop, "--resume", "--out", str(tmp_path / "resumed.csv"))
+    assert "kept model 0" in out and "kept model 1" in out
+    resumed = pd.read_csv(tmp_path / "resumed.csv")
+    assert resumed["test_acc"].tolist() == pd.read_csv(tmp_path / "rows.csv")["test_acc"].tolist()
 
 
 def test_orchestration_times_prefect_against_the_library() -> None:
