@@ -296,3 +296,23 @@ def test_experiment_sweep_lists_its_metrics(repro: Path) -> None:
     assert "final_test_accuracy" in columns and "pseudo_label.threshold" in columns, header
     assert len(columns) <= 8, header
     assert "\u2026" not in text, text
+
+
+def test_experiment_with_a_fixmatch_teacher(repro: Path) -> None:
+    """``dvc exp run -S teacher.method=fixmatch teacher``: the teacher stage trains on the
+    pool too (its history has the share of pool images above the threshold) and MLflow
+    records its method. Only that stage runs: the students are the other tests' concern."""
+    run(
+        ["dvc", "exp", "run", "--name", "fixmatch-teacher", "-S", "teacher.method=fixmatch",
+         "-S", "teacher.augment=weak", "-S", "teacher.unlabeled_ratio=1", "teacher"],
+        repro,
+    )  # fmt: skip
+    history = (repro / "artifacts" / "models" / "iter_0" / "history.csv").read_text()
+    assert "unlabeled_mask_rate" in history.splitlines()[0]
+    client = mlflow_client(repro)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [teacher] = client.search_runs(experiments, "params.method = 'fixmatch'")
+    assert teacher.data.params["augment"] == "weak"
+    table = run(["dvc", "exp", "show", "--csv"], repro).stdout
+    row = next(line for line in table.splitlines() if "fixmatch-teacher" in line)
+    assert ",fixmatch," in row

@@ -9,6 +9,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -57,11 +59,13 @@ def checkout(where: Path) -> Path:
     return where
 
 
-def run_flow(where: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def run_flow(
+    where: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict | None = None
+) -> dict[str, str]:
     """Run the flow from ``where``; the state of each of its tasks."""
     monkeypatch.chdir(where)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{where / 'mlflow.db'}")
-    state = noisy_student(iterations=1, return_state=True)
+    state = noisy_student(iterations=1, overrides=overrides, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -105,3 +109,21 @@ def test_cache_reuses_only_results_that_still_hold(
     monkeypatch.setattr(versions, "code_version", lambda: "edited-library")
     states = run_flow(first, monkeypatch)
     assert {name: states[name] for name in STEPS} == dict.fromkeys(STEPS, "Completed")
+
+
+def test_flow_trains_the_teacher_method_its_overrides_name(
+    harness: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``teacher.method: fixmatch`` through the flow: the teacher learns from the pool too
+    (its curves say how much of it passed the threshold) and MLflow records the method."""
+    where = checkout(harness / "fixmatch")
+    fixmatch = {"teacher.method": "fixmatch", "teacher.augment": "weak"}
+    states = run_flow(where, monkeypatch, {**fixmatch, "teacher.unlabeled_ratio": 1.0})
+    assert states == dict.fromkeys([*STEPS, "report"], "Completed")
+    [history] = (where / "runs").glob("*/models/iter_0/history.csv")
+    assert pd.read_csv(history)["unlabeled_mask_rate"].notna().all()
+    client = mlflow.MlflowClient(f"sqlite:///{where / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [teacher] = client.search_runs(experiments, "params.method = 'fixmatch'")
+    assert teacher.data.params["unlabeled_ratio"] == "1.0"
+    assert "epoch/unlabeled_mask_rate" in teacher.data.metrics
