@@ -13,6 +13,7 @@ import torch
 from noisy_student.config import Config, ConfigError
 from noisy_student.data import ImageSet, load_images
 from noisy_student.models import build_model
+from noisy_student.pipeline import split
 
 
 def check_device(cfg: Config) -> None:
@@ -34,8 +35,6 @@ def check_data(cfg: Config) -> ImageSet:
         data = load_images(cfg.data.source, root)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.root: {err}") from None
-    from noisy_student.pipeline import split  # the split prepare makes, tried here
-
     try:
         split(cfg, data)
     except ValueError as err:
