@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 from PIL import Image
 
@@ -95,3 +96,39 @@ def test_fetch_of_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     result = cli("data", "fetch", cwd=tmp_path)
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fixmatch_teacher_trains_on_an_imagefolder_pool_through_the_cli(tmp_path: Path) -> None:
+    """The consistency teacher on a user's tree: uneven classes, grey and colour images of
+    several sizes, a pool in nested folders beside a corrupt file, then a student."""
+    make_tree(tmp_path / "photos")
+    rng = np.random.default_rng(1)
+    for i in range(3):  # dog: 11 labeled images to cat's 8, three of them grey
+        grey = rng.integers(0, 256, (30 + i, 18), dtype=np.uint8)
+        Image.fromarray(grey, mode="L").save(tmp_path / "photos" / "labeled" / "dog" / f"g{i}.png")
+    write_params(tmp_path)  # the tree's own splits, every labeled image
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["teacher"].update(
+        method="fixmatch",
+        augment="weak",
+        epochs=3,
+        unlabeled_ratio=2.0,
+        threshold=0.0,
+        ema_decay=0.9,
+    )
+    params["train"].update(epochs=1, batch_size=4)
+    params["pseudo_label"].update(threshold=0.0)
+    params["iterations"] = {"1": {**params["iterations"]["1"], "teacher": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for step in (("data", "fetch"), ("run", "--no-mlflow")):
+        done = cli(*step, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+
+    models = tmp_path / "artifacts" / "models"
+    history = pd.read_csv(models / "iter_0" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    # Threshold 0: every pool image of every step is a target.
+    assert (history["unlabeled_mask_rate"] == 1.0).all()
+    assert read_json(models / "iter_0" / "metrics.json")["num_labeled"] == 19
+    student = read_json(models / "iter_1" / "metrics.json")
+    assert student["teacher_iteration"] == 0 and student["num_pseudo_labeled"] == 10
