@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 
 from noisy_student import pipeline
 from noisy_student.augment import build_augment
@@ -18,7 +19,13 @@ from noisy_student.consistency import (
     train_fixmatch,
 )
 from noisy_student.data import load_images
-from noisy_student.engine import TrainData, TrainSettings, accuracy, predict_proba
+from noisy_student.engine import (
+    TrainData,
+    TrainingDiverged,
+    TrainSettings,
+    accuracy,
+    predict_proba,
+)
 from noisy_student.io import read_json
 from noisy_student.models import build_model, load_checkpoint
 from noisy_student.pseudo_label import one_hot
@@ -133,7 +140,11 @@ def test_adaptive_thresholds_follow_each_class_learning_status() -> None:
 
 
 def _digits_fixmatch(
-    tiny_config: Config, layout: RunLayout, consistency: ConsistencySettings, epochs: int = 2
+    tiny_config: Config,
+    layout: RunLayout,
+    consistency: ConsistencySettings,
+    epochs: int = 2,
+    lr: float = 0.05,
 ):
     pipeline.prepare(tiny_config, layout)
     data = load_images("digits", tiny_config.data.root)
@@ -152,7 +163,7 @@ def _digits_fixmatch(
         ),
         data.images,
         pool["image_id"].to_numpy(),
-        TrainSettings(epochs=epochs, batch_size=16, lr=0.05, weight_decay=5e-4),
+        TrainSettings(epochs=epochs, batch_size=16, lr=lr, weight_decay=5e-4),
         consistency,
         build_augment("weak"),
         build_augment("strong", randaugment_ops=2, randaugment_magnitude=5),
@@ -207,6 +218,39 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_the_model_kept(
     off = ConsistencySettings(unlabeled_ratio=2.0, threshold=0.5)
     raw, kept, _, _, _ = _digits_fixmatch(tiny_config, RunLayout(tmp_path / "off"), off, 1)
     assert kept is raw
+
+
+def test_a_process_group_of_one_trains_bit_for_bit_as_one_process(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    """The data-parallel path (DDP, shared thresholds, the average) changes nothing for one
+    process; tests/e2e/test_ddp.py runs two."""
+    settings = ConsistencySettings(
+        unlabeled_ratio=2.0, threshold=0.5, adaptive_threshold=True, ema_decay=0.9
+    )
+    _, plain, plain_history, _, _ = _digits_fixmatch(tiny_config, RunLayout(tmp_path), settings)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        layout = RunLayout(tmp_path / "group")
+        _, ddp, ddp_history, _, _ = _digits_fixmatch(tiny_config, layout, settings)
+    finally:
+        dist.destroy_process_group()
+    plain_state, ddp_state = plain.state_dict(), ddp.state_dict()
+    assert plain_state.keys() == ddp_state.keys()
+    assert all(torch.equal(plain_state[k], ddp_state[k]) for k in plain_state)
+    timeless = [
+        [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]
+        for history in (plain_history, ddp_history)
+    ]
+    assert timeless[0] == timeless[1]
+
+
+def test_a_diverging_loss_stops_the_teacher_with_a_clear_error(
+    tiny_config: Config, tmp_path: Path
+) -> None:
+    settings = ConsistencySettings(unlabeled_ratio=1.0, threshold=0.5)
+    with pytest.raises(TrainingDiverged, match=r"the train loss of epoch 1 is (nan|inf)"):
+        _digits_fixmatch(tiny_config, RunLayout(tmp_path), settings, epochs=1, lr=1e30)
 
 
 def test_pipeline_saves_and_labels_with_the_ema_model(

@@ -8,8 +8,9 @@ strong view of the same image (RandAugment, then crop/flip) when it is confident
 the loss is cross-entropy on the labeled batch plus ``unlabeled_weight`` times the masked
 cross-entropy on the strong views, averaged over every pool image of the batch.
 
-Batches, autocast, the optimizer and its per-step cosine schedule are the engine's, so
-the consistency teacher trains the same way on CPU and CUDA as a supervised one.
+Batches, autocast, the optimizer and its per-step cosine schedule, and the data-parallel
+path are the engine's, so the consistency teacher trains the same way on CPU and CUDA, in
+one process or many, as a supervised one.
 """
 
 from __future__ import annotations
@@ -23,23 +24,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from noisy_student import distributed
 from noisy_student.augment import Augment
 from noisy_student.engine import (
     Images,
     TrainData,
     TrainSettings,
     _autocast,
-    accuracy,
+    check_finite,
     epoch_batches,
     gather,
+    mean_loss,
     place,
-    predict_proba,
+    val_accuracy,
 )
 from noisy_student.losses import soft_cross_entropy
+from noisy_student.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +149,19 @@ def _pool_order(pool_size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(pool_size, generator=generator)
 
 
+def _gathered(
+    rows: torch.Tensor, confidence: torch.Tensor, predicted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (pool rows, confidence, predicted class) of this step, on every rank, so
+    that each keeps the same class thresholds as one process that saw the global batch."""
+    columns = (rows, confidence, predicted)
+    mine = torch.stack([t.to(confidence.device, torch.float64) for t in columns])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    rows, confidence, predicted = torch.cat(parts, dim=1)
+    return rows.long().cpu(), confidence.float(), predicted.long()
+
+
 def train_fixmatch(
     model: nn.Module,
     labeled: TrainData,
@@ -171,40 +189,53 @@ def train_fixmatch(
     that passed the threshold. The history adds, per epoch, the share of pool rows above
     their threshold (``unlabeled_mask_rate``) and, with hidden labels, the accuracy of
     those rows' targets (``unlabeled_target_accuracy``). ``on_epoch`` gets each record as
-    soon as it is complete, as in ``engine.train_model``."""
+    soon as it is complete, as in ``engine.train_model``.
+
+    In a ``torch.distributed`` process group it trains as ``engine.train_model`` does:
+    every rank draws the same global labeled and pool batches and steps on its rows of
+    each, DDP averages the gradients, the adaptive thresholds see every rank's
+    predictions, and the moving average (of weights that are equal on every rank) is the
+    same everywhere; a group of one trains exactly as a lone process."""
     c = consistency
     place(model, device)
+    ema = None
+    if c.ema_decay > 0:  # a copy of the plain model, made before DDP wraps it
+        ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(c.ema_decay), use_buffers=True)
+    kept = ema.module if ema is not None else model
+    ranks = distributed.active()
+    net = model if ranks is None else distributed.wrap(model, device, settings.sync_batchnorm)
     groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
     optimizer = torch.optim.SGD(
         groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
     )
-    generator = torch.Generator().manual_seed(torch.initial_seed())
+    seed = torch.initial_seed() if ranks is None else distributed.agree(torch.initial_seed())
+    generator = torch.Generator().manual_seed(seed)
     plan = [epoch_batches(labeled, settings, generator) for _ in range(settings.epochs)]
+    if ranks is not None and ranks[0] > 0:
+        torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
     steps = sum(map(len, plan))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
     )
-    ema = None
-    if c.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(c.ema_decay), use_buffers=True)
-    kept = ema.module if ema is not None else model
     num_classes = labeled.targets.shape[1]
     adaptive = ClassThresholds(len(pool_ids), num_classes, c.threshold)
     n_unlabeled = max(1, round(settings.batch_size * c.unlabeled_ratio))
     order, cursor = _pool_order(len(pool_ids), generator), 0
     history = []
-    for epoch, epoch_plan in enumerate(plan, start=1):
-        model.train()
+    for epoch, epoch_plan in enumerate(track(plan, "epochs", unit="epoch"), start=1):
+        net.train()
         if on_train_mode is not None:
             on_train_mode(model)
         start = time.perf_counter()
         total_loss, masked, correct, scored = (torch.zeros((), device=device) for _ in range(4))
         seen, drawn = 0, 0
-        for index in epoch_plan:
+        for index in track(epoch_plan, f"epoch {epoch} batches", unit="batch"):
             if cursor + n_unlabeled > len(order):
                 order, cursor = _pool_order(len(pool_ids), generator), 0
             rows = order[cursor : cursor + n_unlabeled]
             cursor += n_unlabeled
+            if ranks is not None:  # this rank's rows of the global batches
+                index, rows = distributed.shard(index, *ranks), distributed.shard(rows, *ranks)
             unlabeled = gather(pool, pool_ids[rows.numpy()]).to(device, non_blocking=True)
             images = labeled.batch(index).to(device, non_blocking=True)
             targets = labeled.targets[index].to(device, non_blocking=True)
@@ -217,9 +248,12 @@ def train_fixmatch(
             thresholds = adaptive.thresholds() if c.adaptive_threshold else c.threshold
             predicted, confidence, mask = pseudo_targets(weak_logits, thresholds)
             if c.adaptive_threshold:
-                adaptive.update(rows, confidence, predicted)
+                if ranks is None:
+                    adaptive.update(rows, confidence, predicted)
+                else:
+                    adaptive.update(*_gathered(rows, confidence, predicted))
             with _autocast(device):
-                logits = model(torch.cat([x_labeled, x_strong]))
+                logits = net(torch.cat([x_labeled, x_strong]))
             n = len(index)
             loss = fixmatch_loss(
                 logits[:n], targets, logits[n:], predicted, mask, c.unlabeled_weight
@@ -239,18 +273,23 @@ def train_fixmatch(
                 scored += known.sum()
             seen += len(index)
             drawn += len(rows)
+        train_loss = mean_loss(total_loss, seen, ranks is not None)
+        check_finite(train_loss, epoch, settings.lr)
+        if ranks is not None:
+            masked, correct, scored, drawn = distributed.sum_over_ranks(
+                masked, correct, scored, torch.tensor(drawn, device=device)
+            )
         record = {
             "epoch": epoch,
-            "train_loss": total_loss.item() / max(1, seen),
+            "train_loss": train_loss,
             "lr": optimizer.param_groups[-1]["lr"],
-            "unlabeled_mask_rate": masked.item() / max(1, drawn),
+            "unlabeled_mask_rate": masked.item() / max(1, int(drawn)),
             "epoch_seconds": time.perf_counter() - start,
         }
         if pool_labels is not None and scored.item() > 0:
             record["unlabeled_target_accuracy"] = correct.item() / scored.item()
         if val is not None and (epoch % settings.val_every == 0 or epoch == settings.epochs):
-            images, ids, labels = val
-            record["val_accuracy"] = accuracy(predict_proba(kept, images, device, ids=ids), labels)
+            record["val_accuracy"] = val_accuracy(kept, val, device, ranks)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -262,4 +301,9 @@ def train_fixmatch(
             record["unlabeled_mask_rate"],
             f"{record.get('val_accuracy', float('nan')):.4f}",
         )
+    if ranks is not None:
+        distributed.sync_buffers(model)
+        distributed.unwrap_batchnorm(model)
+        if ema is not None:
+            distributed.sync_buffers(kept)
     return kept, history

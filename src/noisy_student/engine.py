@@ -227,12 +227,8 @@ def train_model(
             schedule.step()
             total_loss += loss.detach() * len(index)
             seen += len(index)
-        train_loss = _mean_loss(total_loss, seen, ranks is not None)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                f"training diverged: the train loss of epoch {epoch} is {train_loss} "
-                f"(train.lr {settings.lr}); stopped, nothing written"
-            )
+        train_loss = mean_loss(total_loss, seen, ranks is not None)
+        check_finite(train_loss, epoch, settings.lr)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -240,7 +236,7 @@ def train_model(
             "epoch_seconds": time.perf_counter() - start,
         }
         if val is not None and (epoch % settings.val_every == 0 or epoch == settings.epochs):
-            record["val_accuracy"] = _val_accuracy(model, val, device, ranks)
+            record["val_accuracy"] = val_accuracy(model, val, device, ranks)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -257,7 +253,16 @@ def train_model(
     return history
 
 
-def _mean_loss(total: torch.Tensor, seen: int, across_ranks: bool) -> float:
+def check_finite(train_loss: float, epoch: int, lr: float) -> None:
+    """Raise :class:`TrainingDiverged` for a loss that is no longer a finite number."""
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"training diverged: the train loss of epoch {epoch} is {train_loss} "
+            f"(train.lr {lr}); stopped, nothing written"
+        )
+
+
+def mean_loss(total: torch.Tensor, seen: int, across_ranks: bool) -> float:
     """The epoch's mean training loss (over every rank's rows under DDP)."""
     if not across_ranks:
         return total.item() / max(1, seen)
@@ -265,7 +270,7 @@ def _mean_loss(total: torch.Tensor, seen: int, across_ranks: bool) -> float:
     return total.item() / max(1.0, count.item())
 
 
-def _val_accuracy(
+def val_accuracy(
     model: nn.Module,
     val: tuple[Images, np.ndarray, torch.Tensor],
     device: torch.device,

@@ -267,11 +267,6 @@ def _train(
     log.info("training %s on %d images (%d pseudo-labeled)", name, len(train_data), n_pseudo)
     start = time.perf_counter()
     if not student and cfg.teacher.method == "fixmatch":
-        if group.world_size > 1:
-            raise ValueError(
-                "teacher.method: 'fixmatch' trains in one process; launch the teacher "
-                "without --nproc/torchrun (students train data-parallel)"
-            )
         model, history = _train_fixmatch(
             cfg, layout, model, data, train_data, settings, device, val_set, on_epoch
         )

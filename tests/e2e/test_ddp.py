@@ -39,6 +39,7 @@ OVERRIDES = {
     "student.unlabeled_ratio": 3.0,
 }
 CLI = [sys.executable, "-m", "noisy_student.cli"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TIMEOUT = 600
 
 
@@ -98,10 +99,9 @@ def _written(run_dir: Path) -> list[str]:
 def torchrun_teacher(work: Path) -> Path:
     """The teacher trained by the documented command: torchrun, two processes, gloo."""
     run_dir = _run_dir(work, "torchrun")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     store = f"sqlite:///{work / 'torchrun-mlflow.db'}"
     train = _cli(work, run_dir, "train", "--iteration", "0")[1:]
-    result = _run([*cmd, *train], NOISY_STUDENT_MLFLOW="on", MLFLOW_TRACKING_URI=store)
+    result = _run([*TORCHRUN, *train], NOISY_STUDENT_MLFLOW="on", MLFLOW_TRACKING_URI=store)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -138,19 +138,45 @@ def test_the_prefect_train_task_launches_torchrun(
     assert step.data.tags["entry_point"] == "prefect"
 
 
-# Run under torchrun in place of the CLI: trains as the CLI does, then each rank saves
-# the parameters it ended with, which rank 0 alone would otherwise write.
+# Run under torchrun in place of the CLI: trains as the CLI does, then each rank saves the
+# model it ended with (and a FixMatch teacher's class thresholds and history), which rank 0
+# alone would otherwise write.
 EACH_RANK = """\
 import os, sys, torch
-from noisy_student import cli, pipeline
-train_model = pipeline.train_model
+from noisy_student import cli, consistency, pipeline
+thresholds = []
+class Recorded(consistency.ClassThresholds):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        thresholds.append(self)
+consistency.ClassThresholds = Recorded
+def save(model, history):
+    state = {"model": model.state_dict(), "history": history,
+             "last_class": [t.last_class for t in thresholds]}
+    torch.save(state, f"{sys.argv[1]}/rank{os.environ['RANK']}.pt")
+train_model, train_fixmatch = pipeline.train_model, pipeline.train_fixmatch
 def keep(model, *args, **kwargs):
     history = train_model(model, *args, **kwargs)
-    torch.save(model.state_dict(), f"{sys.argv[1]}/rank{os.environ['RANK']}.pt")
+    save(model, history)
     return history
-pipeline.train_model = keep
+def keep_fixmatch(model, *args, **kwargs):
+    kept, history = train_fixmatch(model, *args, **kwargs)
+    save(kept, history)
+    return kept, history
+pipeline.train_model, pipeline.train_fixmatch = keep, keep_fixmatch
 sys.exit(cli.main(sys.argv[2:]))
 """
+
+
+def _each_rank(work: Path, run_dir: Path, name: str, params: str = "params.yaml") -> list[dict]:
+    """Train the teacher under torchrun, two processes; what each rank ended with."""
+    script, out = work / "each_rank.py", work / name
+    script.write_text(EACH_RANK)
+    out.mkdir()
+    args = _cli(work, run_dir, "train", "--iteration", "0", params=params)[3:]
+    result = _run([*TORCHRUN, str(script), str(out), *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
 def test_ranks_end_equal_and_a_second_run_repeats_the_first(work: Path, torchrun_teacher: Path):
@@ -162,16 +188,35 @@ def test_ranks_end_equal_and_a_second_run_repeats_the_first(work: Path, torchrun
         "models/iter_0/per_class_accuracy.csv",
     ]
     run_dir = _run_dir(work, "each-rank")
-    script = work / "each_rank.py"
-    script.write_text(EACH_RANK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = _cli(work, run_dir, "train", "--iteration", "0")[3:]
-    result = _run([*cmd, str(script), str(work), *args])
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(work / "rank0.pt", weights_only=True)
-    rank1 = torch.load(work / "rank1.pt", weights_only=True)
-    assert _same(rank0, rank1)
+    rank0, rank1 = _each_rank(work, run_dir, "each-rank-models")
+    assert _same(rank0["model"], rank1["model"])
     assert _same(_weights(torchrun_teacher), _weights(run_dir))
+
+
+def test_a_fixmatch_teacher_trains_data_parallel_with_one_state_on_every_rank(work: Path):
+    """Both ranks end with the same moving average, the same class thresholds (every rank's
+    weak-view predictions reach all of them) and the same history; rank 0 saves it."""
+    fixmatch = {
+        "teacher.method": "fixmatch",
+        "teacher.augment": "weak",
+        "teacher.unlabeled_ratio": 1.0,
+        "teacher.threshold": 0.5,
+        "teacher.adaptive_threshold": True,
+        "teacher.ema_decay": 0.9,
+    }
+    _write_params(work / "fixmatch.yaml", work / "data", **fixmatch)
+    run_dir = _run_dir(work, "fixmatch")
+    rank0, rank1 = _each_rank(work, run_dir, "fixmatch-models", params="fixmatch.yaml")
+    assert _same(rank0["model"], rank1["model"])
+    assert _same(rank0["model"], _weights(run_dir))
+    [last_class0], [last_class1] = rank0["last_class"], rank1["last_class"]
+    assert torch.equal(last_class0, last_class1) and (last_class0 >= 0).any()
+    timeless = [
+        [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in rank["history"]]
+        for rank in (rank0, rank1)
+    ]
+    assert timeless[0] == timeless[1]
+    assert all(0 < h["unlabeled_mask_rate"] <= 1 for h in timeless[0])
 
 
 def test_accuracy_is_within_the_seed_spread_of_one_process(work: Path, torchrun_teacher: Path):
