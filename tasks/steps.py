@@ -53,7 +53,7 @@ def train(
     def step(layout: RunLayout) -> Path:
         if processes == 1:
             return records.train_step(cfg, layout, iteration, "prefect", _tags())
-        return launch.train_in_processes(cfg, layout, iteration, processes, "prefect")
+        return launch.train_in_processes(cfg, layout, iteration, processes, "prefect", _tags())
 
     return output_record(run_step(run_dir, "train", iteration, step))
 

@@ -61,6 +61,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
@@ -117,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="record nothing in MLflow (also: NOISY_STUDENT_MLFLOW=off)",
         )
+        # A caller's tags on the step's MLflow records (an orchestrator's run id), hidden:
+        # set by launchers, not by hand.
+        step.add_argument("--tag", type=_tag, action="append", default=[], help=argparse.SUPPRESS)
     classify = sub.add_parser("predict", help="classify image files or folders with a model")
     classify.add_argument(
         "--model",
@@ -187,6 +197,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         str(args.iteration),
         *(["--no-mlflow"] if args.no_mlflow else []),
         *(["--entry-point", args.entry_point] if args.entry_point else []),
+        *[f"--tag={key}={value}" for key, value in args.tag],
     ]
 
 
@@ -293,8 +304,9 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
 
         if records.enabled():
             entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
-            train_step = partial(records.train_step, entry_point=entry_point)
-            label = partial(records.label_step, entry_point=entry_point)
+            tags = dict(args.tag) or None
+            train_step = partial(records.train_step, entry_point=entry_point, extra_tags=tags)
+            label = partial(records.label_step, entry_point=entry_point, extra_tags=tags)
     if args.command == "train":
         return train(args, cfg, layout, train_step, entry_point)
     elif args.command == "pseudo-label":

@@ -155,11 +155,17 @@ def run_torchrun(launch: Launch, cli_args: list[str]) -> int:
 
 
 def train_in_processes(
-    cfg: Config, layout: RunLayout, iteration: int, nproc: int, entry_point: str
+    cfg: Config,
+    layout: RunLayout,
+    iteration: int,
+    nproc: int,
+    entry_point: str,
+    extra_tags: dict[str, str] | None = None,
 ) -> Path:
     """The training step as a torchrun job of ``nproc`` processes on this machine, for a
     caller that holds a config rather than a params file (a Prefect task on a worker with
-    several GPUs); rank 0 records it in MLflow as the CLI does. Returns the model folder."""
+    several GPUs); rank 0 records it in MLflow as the CLI does, with ``extra_tags`` as
+    ``records.train_step`` takes them. Returns the model folder."""
     plan = Launch(nproc)
     check(cfg, plan)
     with tempfile.TemporaryDirectory(prefix="noisy-student-launch-") as tmp:
@@ -168,6 +174,7 @@ def train_in_processes(
         cli_args = ["--params", str(params), "--run-dir", str(layout.root), "-q"]
         cli_args += ["--run-origin", layout.origin] if layout.origin else []
         cli_args += ["train", "--iteration", str(iteration), "--entry-point", entry_point]
+        cli_args += [f"--tag={key}={value}" for key, value in (extra_tags or {}).items()]
         status = run_torchrun(plan, cli_args)
     if status:
         raise JobFailed(

@@ -120,7 +120,7 @@ def test_the_prefect_train_task_launches_torchrun(
     work: Path, torchrun_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The flow's ``nproc`` run option: the task's body trains as the documented torchrun
-    command does, and rank 0 records the step with the task's entry point."""
+    command does, and rank 0 records the step with the task's entry point and flow run."""
     from mlflow import MlflowClient
 
     from tasks.steps import train
@@ -128,6 +128,8 @@ def test_the_prefect_train_task_launches_torchrun(
     run_dir, store = _run_dir(work, "task"), f"sqlite:///{work / 'task-mlflow.db'}"
     monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    flow_run_id = "5f0c9a52-2f42-4d5e-9b1a-7d8c1e4b0a11"
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", flow_run_id)  # prefect.runtime's fallback
     config = load_config(work / "params.yaml").model_dump(mode="json")
     record = train.fn(config, str(run_dir), 0, None, nproc="2")
     assert Path(record["path"]) == RunLayout(run_dir).model_dir(0).resolve()
@@ -136,6 +138,7 @@ def test_the_prefect_train_task_launches_torchrun(
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     [step] = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert step.data.tags["entry_point"] == "prefect"
+    assert step.data.tags["prefect_flow_run_id"] == flow_run_id
 
 
 # Run under torchrun in place of the CLI: trains as the CLI does, then each rank saves the
