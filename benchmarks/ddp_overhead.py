@@ -3,9 +3,13 @@ one-process ``torch.distributed`` group (DDP wrapper, gradient all-reduce, plan 
 loss and validation reductions) against the same call with no group (the plain loop),
 same model, data and seed. Runs alternate (plain, DDP, plain, ...) and the median of
 ``--repeats`` is reported, so drifting load hits both alike. The ratio is DDP / plain
-images per second (target >= 0.97).
+images per second (target >= 0.97). ``--method fixmatch`` measures the FixMatch teacher's
+loop the same way (``consistency.train_fixmatch``, 2 pool images per labeled one, FlexMatch
+thresholds gathered over the ranks and a moving average on); its images/s count the
+labeled images.
 
     python benchmarks/ddp_overhead.py
+    python benchmarks/ddp_overhead.py --method fixmatch
     python benchmarks/ddp_overhead.py --device cuda --arch resnet18 --size 32 --channels 3
 """
 
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from noisy_student.augment import build_augment
+from noisy_student.consistency import ConsistencySettings, train_fixmatch
 from noisy_student.engine import TrainData, TrainSettings, train_model
 from noisy_student.models import build_model
 from noisy_student.pseudo_label import one_hot
@@ -51,9 +56,17 @@ def _run(args: argparse.Namespace, data: TrainData, device: torch.device) -> flo
         stochastic_depth=0.2,
         **size,
     )
-    augment = build_augment("strong", randaugment_ops=2, randaugment_magnitude=9)
+    strong = build_augment("strong", randaugment_ops=2, randaugment_magnitude=9)
     settings = TrainSettings(2, args.batch_size, 0.05, 5e-4)
-    history = train_model(model, data, settings, augment, device)
+    if args.method == "fixmatch":
+        consistency = ConsistencySettings(2.0, 0.95, adaptive_threshold=True, ema_decay=0.999)
+        pool = np.arange(len(data))
+        weak = build_augment("weak")
+        _, history = train_fixmatch(
+            model, data, data.images, pool, settings, consistency, weak, strong, device
+        )
+    else:
+        history = train_model(model, data, settings, strong, device)
     return len(data) / history[-1]["epoch_seconds"]
 
 
@@ -71,6 +84,7 @@ def _in_group(args: argparse.Namespace, data: TrainData, device: torch.device) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--method", choices=("supervised", "fixmatch"), default="supervised")
     parser.add_argument("--arch", default="small_resnet")
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--channels", type=int, default=1)

@@ -127,9 +127,11 @@ def test_default_seeds_prints_each_seed_and_the_gains_mean_and_spread() -> None:
     assert re.search(r"^gain +[+-][\d.]+ ± [\d.]+$", out, re.M)
 
 
-def test_ddp_overhead_compares_a_group_of_one_with_the_plain_loop() -> None:
+@pytest.mark.parametrize("method", ["supervised", "fixmatch"])
+def test_ddp_overhead_compares_a_group_of_one_with_the_plain_loop(method: str) -> None:
     out = bench(
-        "benchmarks/ddp_overhead.py", "--images", "64", "--batch-size", "32", "--repeats", "1"
+        "benchmarks/ddp_overhead.py",
+        *("--method", method, "--images", "64", "--batch-size", "32", "--repeats", "1"),
     )
     ratio = re.search(r"ratio ([\d.]+)x", out.splitlines()[-1])
     assert ratio is not None and float(ratio.group(1)) > 0
