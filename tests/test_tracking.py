@@ -319,6 +319,31 @@ def state(logged: Logged) -> tuple[dict[str, str], list[str], list[int]]:
     return active_runs(client, logged.parent.info.experiment_id), versions, points
 
 
+def test_a_file_registered_by_two_processes_at_once_keeps_one_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracking server holds no lock: two processes may both find no version of a file
+    and both register it. The later one removes its duplicate and links the first."""
+    from noisy_student import registry
+
+    with mlflow_store(tmp_path) as client:
+        mlflow.set_experiment("raced")
+        with mlflow.start_run() as run:
+            mlflow.log_text("weights", "model/weights.txt")
+        uri = f"{run.info.artifact_uri}/model"
+        first = registry.register(client, "raced", uri, "abc", {})
+        lookup, calls = registry.version_of_file, []
+
+        def missed_once(*args: object):  # the second process looked before the first wrote
+            calls.append(args)
+            return None if len(calls) == 1 else lookup(*args)
+
+        monkeypatch.setattr(registry, "version_of_file", missed_once)
+        assert registry.register(client, "raced", uri, "abc", {}) == first
+        assert [str(v.version) for v in client.search_model_versions("name = 'raced'")] == [first]
+        assert registry.register(client, "raced", uri, "other file", {}) != first
+
+
 def test_rerunning_the_report_or_a_step_records_nothing_new(logged: Logged) -> None:
     before = state(logged)
     assert log_pipeline_run(logged.cfg, logged.layout, "library") == logged.parent.info.run_id

@@ -92,8 +92,9 @@ def register(
     client: mlflow.MlflowClient, name: str, model_uri: str, sha: str, tags: dict[str, str]
 ) -> str:
     """Register ``model_uri`` as a version of ``name`` unless the file ``sha`` has one
-    already; return the version. Looked up and created under the registry lock, so two
-    processes registering the same file, or creating ``name`` at once, make one."""
+    already; return the version. Looked up and created under the registry lock (a sqlite
+    store) or checked again after creating (a server), so two processes registering the
+    same file, or creating ``name`` at once, leave one."""
     with store_lock("registry"):
         found = version_of_file(client, name, sha)
         if found is not None:
@@ -101,6 +102,12 @@ def register(
         # Creates ``name`` first where it is missing (another process creating it at the
         # same time included: MLflow then adds the version to theirs).
         version = mlflow.register_model(model_uri, name, tags={**tags, SHA_TAG: sha})
+        # A server store is not locked: another process may have registered the same file
+        # between the lookup and here. The first version stays; a later duplicate goes.
+        first = version_of_file(client, name, sha)
+        if first is not None and int(first.version) < int(version.version):
+            client.delete_model_version(name, version.version)
+            return str(first.version)
         return str(version.version)
 
 
