@@ -327,8 +327,9 @@ def test_a_file_registered_by_two_processes_at_once_keeps_one_version(
     from noisy_student import registry
 
     with mlflow_store(tmp_path) as client:
-        mlflow.set_experiment("raced")
-        with mlflow.start_run() as run:
+        artifacts = (tmp_path / "artifacts").as_uri()
+        experiment = client.create_experiment("raced", artifact_location=artifacts)
+        with mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_text("weights", "model/weights.txt")
         uri = f"{run.info.artifact_uri}/model"
         first = registry.register(client, "raced", uri, "abc", {})
