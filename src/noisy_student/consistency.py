@@ -16,7 +16,6 @@ one process or many, as a supervised one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +36,10 @@ from noisy_student.engine import (
     TrainSettings,
     _autocast,
     check_finite,
-    epoch_batches,
     gather,
     mean_loss,
     place,
+    setup_training,
     val_accuracy,
 )
 from noisy_student.losses import soft_cross_entropy
@@ -202,20 +201,8 @@ def train_fixmatch(
     if c.ema_decay > 0:  # a copy of the plain model, made before DDP wraps it
         ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(c.ema_decay), use_buffers=True)
     kept = ema.module if ema is not None else model
-    ranks = distributed.active()
-    net = model if ranks is None else distributed.wrap(model, device, settings.sync_batchnorm)
-    groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
-    optimizer = torch.optim.SGD(
-        groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
-    )
-    seed = torch.initial_seed() if ranks is None else distributed.agree(torch.initial_seed())
-    generator = torch.Generator().manual_seed(seed)
-    plan = [epoch_batches(labeled, settings, generator) for _ in range(settings.epochs)]
-    if ranks is not None and ranks[0] > 0:
-        torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
-    steps = sum(map(len, plan))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
+    ranks, net, optimizer, schedule, plan, generator = setup_training(
+        model, labeled, settings, device, param_groups
     )
     num_classes = labeled.targets.shape[1]
     adaptive = ClassThresholds(len(pool_ids), num_classes, c.threshold)
@@ -234,8 +221,8 @@ def train_fixmatch(
                 order, cursor = _pool_order(len(pool_ids), generator), 0
             rows = order[cursor : cursor + n_unlabeled]
             cursor += n_unlabeled
-            if ranks is not None:  # this rank's rows of the global batches
-                index, rows = distributed.shard(index, *ranks), distributed.shard(rows, *ranks)
+            if ranks is not None:  # this rank's rows of the global pool batch
+                rows = distributed.shard(rows, *ranks)
             unlabeled = gather(pool, pool_ids[rows.numpy()]).to(device, non_blocking=True)
             images = labeled.batch(index).to(device, non_blocking=True)
             targets = labeled.targets[index].to(device, non_blocking=True)

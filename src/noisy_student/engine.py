@@ -151,6 +151,45 @@ def epoch_batches(
     ]
 
 
+def setup_training(
+    model: nn.Module,
+    data: TrainData,
+    settings: TrainSettings,
+    device: torch.device,
+    param_groups: list[dict[str, Any]] | None = None,
+) -> tuple[
+    tuple[int, int] | None,
+    nn.Module,
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler,
+    list[list[torch.Tensor]],
+    torch.Generator,
+]:
+    """What every training loop starts from: (ranks, the model to step, SGD with Nesterov
+    momentum, its per-step cosine schedule, this rank's batch plan, the generator that drew
+    it). In a process group the model is wrapped in DDP, every rank draws rank 0's plan and
+    keeps its rows of each batch, and every rank but 0 reseeds its own augmentation and
+    dropout stream; the generator goes on the same on every rank."""
+    ranks = distributed.active()
+    net = model if ranks is None else distributed.wrap(model, device, settings.sync_batchnorm)
+    groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
+    optimizer = torch.optim.SGD(
+        groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
+    )
+    seed = torch.initial_seed() if ranks is None else distributed.agree(torch.initial_seed())
+    generator = torch.Generator().manual_seed(seed)
+    plan = [epoch_batches(data, settings, generator) for _ in range(settings.epochs)]
+    if ranks is not None:
+        plan = [[distributed.shard(b, *ranks) for b in epoch_plan] for epoch_plan in plan]
+        if ranks[0] > 0:
+            torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
+    steps = sum(map(len, plan))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
+    return ranks, net, optimizer, schedule, plan, generator
+
+
 def train_model(
     model: nn.Module,
     data: TrainData,
@@ -185,22 +224,8 @@ def train_model(
     place(model, device)
     if teacher is not None:
         place(teacher, device).eval()
-    ranks = distributed.active()
-    net = model if ranks is None else distributed.wrap(model, device, settings.sync_batchnorm)
-    groups = param_groups or [{"params": list(model.parameters()), "lr": settings.lr}]
-    optimizer = torch.optim.SGD(
-        groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
-    )
-    seed = torch.initial_seed() if ranks is None else distributed.agree(torch.initial_seed())
-    generator = torch.Generator().manual_seed(seed)
-    plan = [epoch_batches(data, settings, generator) for _ in range(settings.epochs)]
-    if ranks is not None:
-        plan = [[distributed.shard(b, *ranks) for b in epoch_plan] for epoch_plan in plan]
-        if ranks[0] > 0:
-            torch.manual_seed(distributed.rank_seed(seed, ranks[0]))
-    steps = sum(map(len, plan))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
+    ranks, net, optimizer, schedule, plan, _ = setup_training(
+        model, data, settings, device, param_groups
     )
     history = []
     for epoch, epoch_plan in enumerate(track(plan, "epochs", unit="epoch"), start=1):
