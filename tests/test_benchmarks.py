@@ -135,3 +135,14 @@ def test_ddp_overhead_compares_a_group_of_one_with_the_plain_loop(method: str) -
     )
     ratio = re.search(r"ratio ([\d.]+)x", out.splitlines()[-1])
     assert ratio is not None and float(ratio.group(1)) > 0
+
+
+def test_precision_compares_bf16_with_fp32_training_and_labeling() -> None:
+    out = bench(
+        "benchmarks/precision.py", *("--images", "64", "--batch-size", "32", "--repeats", "1")
+    ).splitlines()
+    for step, line in zip(("training", "labeling"), out[-3:-1], strict=True):
+        ratio = re.search(rf"{step}: .*ratio ([\d.]+)x", line)
+        assert ratio is not None and float(ratio.group(1)) > 0
+    alike = re.search(r"labels alike in both precisions: ([\d.]+)", out[-1])
+    assert alike is not None and 0 <= float(alike.group(1)) <= 1

@@ -13,8 +13,12 @@ from noisy_student.engine import (
     TrainSettings,
     epoch_batches,
     gather,
+    cpu_has_native_bf16,
     in_chunks,
+    precision,
+    predict_proba,
     train_model,
+    uses_bf16,
 )
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
 
@@ -115,3 +119,40 @@ def test_validation_is_scored_every_val_every_epochs_and_after_the_last(
     epoch_lines = [r.getMessage() for r in caplog.records if "loss" in r.getMessage()]
     assert [("not scored" in line) for line in epoch_lines] == [True, False, True, False, False]
     assert not any("nan" in line for line in epoch_lines)
+
+
+def _forward_dtypes(name: str | None) -> set[torch.dtype]:
+    """The dtypes a model's layer computed in while it trained and scored, under
+    ``precision(name)`` (None: no block, the default)."""
+    rows = data(8, 0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    seen: set[torch.dtype] = set()
+    model[1].register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    settings = TrainSettings(1, 4, 0.1, 0.0)
+    cpu = torch.device("cpu")
+    if name is None:
+        train_model(model, rows, settings, build_augment("none"), cpu)
+        predict_proba(model, rows.images, cpu)
+    else:
+        with precision(name):
+            train_model(model, rows, settings, build_augment("none"), cpu)
+            predict_proba(model, rows.images, cpu)
+    return seen
+
+
+def test_precision_sets_what_the_models_compute_in() -> None:
+    assert _forward_dtypes("bf16") == {torch.bfloat16}
+    assert _forward_dtypes("fp32") == {torch.float32}
+    native = {torch.bfloat16 if cpu_has_native_bf16() else torch.float32}
+    assert _forward_dtypes("auto") == native
+    assert _forward_dtypes(None) == native  # the block restores the default
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_forces_it_off() -> None:
+    cuda = torch.device("cuda")
+    assert uses_bf16(cuda)
+    with precision("fp32"):
+        assert not uses_bf16(cuda)
+        with precision("bf16"):
+            assert uses_bf16(torch.device("cpu"))
+        assert not uses_bf16(torch.device("cpu"))

@@ -279,3 +279,17 @@ def test_teacher_cutmix_reaches_its_augmentation(
     assert policy == "strong"
     assert kwargs["cutmix_alpha"] == 1.0 and kwargs["mix_prob"] == 1.0
     assert kwargs["randaugment_ops"] == 1 and kwargs["randaugment_magnitude"] == 3
+
+
+def test_precision_reaches_training_and_is_recorded(tiny_config: Config, tmp_path: Path) -> None:
+    weights = {}
+    for name in ("fp32", "bf16"):
+        cfg = tiny_config.model_copy(update={"precision": name, "iterations": {}})
+        layout = RunLayout(tmp_path / name)
+        prepare(cfg, layout)
+        train(cfg, layout, 0)
+        metrics = read_json(layout.model_dir(0) / "metrics.json")
+        assert metrics["precision"] == name
+        assert metrics["test_accuracy"] > 0.5  # digits, 50 labels: both precisions learn
+        weights[name] = load_checkpoint(str(layout.model_dir(0) / MODEL)).state_dict()
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])

@@ -27,6 +27,7 @@ from PIL import Image
 from noisy_student import pipeline, records
 from noisy_student.config import Config, load_config
 from noisy_student.data import load_images
+from noisy_student.engine import uses_bf16
 from noisy_student.io import read_json, save_torch, write_json
 from noisy_student.models import load_checkpoint, save_checkpoint
 from noisy_student.registry import registered_model_name, task_key
@@ -219,6 +220,8 @@ def test_children_log_test_evaluation_config_and_classes(logged: Logged, tmp_pat
     assert teacher["method"] == "supervised" and "unlabeled_weight" not in teacher
     assert (student["augment"], student["cutmix_alpha"]) == ("strong", "0.0")
     assert (teacher["distillation"], student["distillation"]) == ("none", "none")
+    computed_in = "bf16" if uses_bf16(torch.device("cpu")) else "fp32"  # precision: auto
+    assert teacher["precision"] == student["precision"] == computed_in
 
 
 def test_labeling_logs_the_pseudo_labels_in_its_own_child(logged: Logged, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Training and inference loops: one code path for CPU and CUDA (bf16 autocast there)."""
+"""Training and inference loops: one code path for CPU and CUDA, with the models'
+forwards in bf16 autocast where the hardware computes bf16 natively."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,8 +47,48 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+_PRECISION: ContextVar[str] = ContextVar("precision", default="auto")
+
+
+@contextmanager
+def precision(name: str) -> Iterator[None]:
+    """Run the models' forwards in this block in ``name``: ``bf16`` (autocast: convolutions
+    and matrix products in bfloat16, weights, losses and the optimizer in float32),
+    ``fp32``, or ``auto``: bf16 where the hardware computes it natively (CUDA; x86 CPUs
+    with AVX512-BF16 or AMX, where it trains 1.5x faster: BENCHMARKS.md section 9) and
+    fp32 elsewhere, where emulated bf16 would be slower."""
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions oneDNN uses (Linux's flags for AVX512-BF16
+    or AMX-BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """Whether forwards on ``device`` run in bf16 under the current :func:`precision`."""
+    name = _PRECISION.get()
+    if name == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return name == "bf16"
+
+
 def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:

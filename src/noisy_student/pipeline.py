@@ -25,10 +25,12 @@ from noisy_student.engine import (
     TrainData,
     TrainSettings,
     accuracy,
+    precision,
     predict_proba,
     seed_everything,
     select_device,
     train_model,
+    uses_bf16,
 )
 from noisy_student.io import read_json, save_torch, write_csv, write_json, write_parquet
 from noisy_student.losses import student_loss
@@ -182,7 +184,10 @@ def train(
     ``on_epoch`` gets each epoch's history record as it completes, fine-tune epochs
     numbered on (on rank 0 only)."""
     device = select_device(cfg.device)
-    with distributed.process_group(device, cfg.train.batch_size, cfg.train.sync_batchnorm) as group:
+    with (
+        precision(cfg.precision),
+        distributed.process_group(device, cfg.train.batch_size, cfg.train.sync_batchnorm) as group,
+    ):
         return _train(cfg, layout, iteration, group, on_epoch if group.main else None)
 
 
@@ -333,6 +338,7 @@ def _train(
         "val_loss": val_loss,
         "test_accuracy": accuracy(test_probs, _column(test, "label")),
         "train_seconds": round(seconds, 3),
+        "precision": "bf16" if uses_bf16(device) else "fp32",
         **promotion(cfg, layout, teacher_iteration, val_accuracy, val_loss),
     }
     out = layout.model_dir(iteration)
@@ -429,17 +435,18 @@ def _label_slice(
     manifest = empty_manifest(pc.mode, num_classes)
     if len(pool):
         teacher = load_checkpoint(str(checkpoint), dropout=0.0, stochastic_depth=0.0)
-        manifest = pseudo_label(
-            teacher,
-            data.images,
-            pool["image_id"].to_numpy(),
-            device,
-            mode=pc.mode,
-            temperature=pc.temperature,
-            threshold=pc.threshold,
-            batch_size=pc.batch_size,
-            hflip=pc.tta == "hflip",
-        )
+        with precision(cfg.precision):
+            manifest = pseudo_label(
+                teacher,
+                data.images,
+                pool["image_id"].to_numpy(),
+                device,
+                mode=pc.mode,
+                temperature=pc.temperature,
+                threshold=pc.threshold,
+                batch_size=pc.batch_size,
+                hflip=pc.tta == "hflip",
+            )
     hidden = pool.set_index("image_id")["hidden_label"].loc[manifest["image_id"]].to_numpy()
     stats = shard_stats(manifest, hidden, num_classes, len(pool))
     if pc.balance is not None:

@@ -317,7 +317,11 @@ def _record_model(
         return
     metrics = read_json(layout.model_dir(iteration) / METRICS)
     mlflow.log_params(
-        {k: metrics[k] for k in ("num_parameters", "num_labeled", "num_pseudo_labeled")}
+        {
+            k: metrics[k]
+            for k in ("num_parameters", "num_labeled", "num_pseudo_labeled", "precision")
+            if k in metrics  # precision: absent from models trained before it was recorded
+        }
     )
     keys = ("val_accuracy", "val_loss", "test_accuracy", "train_seconds", "num_pseudo_labeled")
     final = {k: metrics[k] for k in keys}

@@ -25,7 +25,7 @@ from mlflow.models.model import ModelInfo
 
 from noisy_student.config import Config
 from noisy_student.data import ImageSet
-from noisy_student.engine import predict_proba, select_device
+from noisy_student.engine import precision, predict_proba, select_device
 from noisy_student.io import write_json, write_parquet
 from noisy_student.models import load_checkpoint
 from noisy_student.report import (
@@ -175,7 +175,9 @@ def _write_evaluation(
     split: which classes the model confuses, beyond the one accuracy number."""
     model = load_checkpoint(str(layout.model_dir(iteration) / MODEL))
     ids = test["image_id"].to_numpy()
-    preds = predict_proba(model, data.images, select_device(cfg.device), ids=ids).argmax(dim=-1)
+    with precision(cfg.precision):
+        probs = predict_proba(model, data.images, select_device(cfg.device), ids=ids)
+    preds = probs.argmax(dim=-1)
     matrix = confusion_matrix(test["label"].to_numpy(), preds.numpy(), len(data.classes))
     accuracy = per_class_accuracy(matrix)
     write_json(
