@@ -3,6 +3,7 @@
 # channels_last, data on the device, then torch.compile) for the small-image family at
 # 28x28x1 and ResNet-18 at 32x32x3, each with its bare-PyTorch baseline in the same
 # process, the labeler's own cost per image (a linear model in place of the network),
+# bf16 against fp32 (benchmarks/precision.py),
 # then one short Fashion-MNIST loop (teacher + one student).
 #
 #   benchmarks/gpu_check.sh          # on a CUDA machine
@@ -21,6 +22,7 @@ if [[ "${1:-}" == "--cpu" ]]; then
   device=cpu
   sizes=(--train-images 256 --pool-images 512 --repeats 3)
   labeler_pool=512
+  precision_sizes=(--images 256 --repeats 1)
   loop=(--set teacher.epochs=2 --set train.epochs=1 --set pseudo_label.balance=100)
   flags=()
 else
@@ -28,6 +30,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   sizes=(--train-images 8192 --pool-images 32768 --repeats 5)
   labeler_pool=131072
+  precision_sizes=(--images 8192 --repeats 3)
   loop=(--set train.epochs=6)
   flags=(--data-on-device)
 fi
@@ -45,6 +48,8 @@ done
 
 "$py" benchmarks/throughput.py --device "$device" --skip train,augment --linear-labeler \
   --pool-images "$labeler_pool" "${flags[@]}"
+
+"$py" benchmarks/precision.py --device "$device" "${precision_sizes[@]}"
 
 time "$py" benchmarks/fashion_mnist.py --device "$device" --source-dir "$fashion_dir" \
   --data-root "$(mktemp -d)" --limit 1 "${loop[@]}" ${FASHION_ARGS:-}

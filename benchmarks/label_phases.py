@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from throughput import bare_inference, timed
 
-from noisy_student.engine import in_chunks, predict_logits_batches, to_float
+from noisy_student.engine import in_chunks, predict_logits_batches, to_float, uses_bf16
 from noisy_student.io import write_parquet
 from noisy_student.models import build_model
 from noisy_student.pseudo_label import pseudo_label
@@ -51,7 +51,7 @@ def main() -> None:
     ids = np.arange(n)
     model = build_model("small_resnet", num_classes=10, in_channels=1, small_input=True)
     model = model.to(device, memory_format=torch.channels_last).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
     manifest = Path(tempfile.mkdtemp()) / "pseudo_labels.parquet"
 
     def stream() -> Iterator[torch.Tensor]:

@@ -34,7 +34,7 @@ from augment_speed import measure as measure_augment
 from torch import nn
 
 from noisy_student.augment import build_augment
-from noisy_student.engine import TrainData, TrainSettings, to_float, train_model
+from noisy_student.engine import TrainData, TrainSettings, to_float, train_model, uses_bf16
 from noisy_student.io import write_parquet
 from noisy_student.losses import soft_cross_entropy
 from noisy_student.models import build_model
@@ -85,7 +85,7 @@ def bare_train(
         x = images[index.to(images.device)].to(device, non_blocking=True)
         y = targets[index].to(device, non_blocking=True)
         x, y = augment(x, y)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device)):
             logits = model(x)
         loss = soft_cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -100,7 +100,7 @@ def bare_inference(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = to_float(images[start : start + batch_size], device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device)):
                 model(x).float().cpu()
 
 
