@@ -11,9 +11,9 @@ from noisy_student.augment import build_augment
 from noisy_student.engine import (
     TrainData,
     TrainSettings,
+    cpu_has_native_bf16,
     epoch_batches,
     gather,
-    cpu_has_native_bf16,
     in_chunks,
     precision,
     predict_proba,
