@@ -62,7 +62,8 @@ def test_fixmatch_teacher_writes_what_a_supervised_one_does_and_labels_the_pool(
     supervised = load_config(
         None, {**TINY, "data.root": tiny_config.data.root, "device": "cpu", "teacher.epochs": 2}
     )
-    fixmatch = _config(tiny_config, **{"pseudo_label.balance": 5})
+    # Every pool image labeled: a 2-epoch teacher's confidence says nothing here.
+    fixmatch = _config(tiny_config, **{"pseudo_label.threshold": 0.0, "pseudo_label.balance": 5})
     runs = {}
     for name, cfg in (("supervised", supervised), ("fixmatch", fixmatch)):
         layout = RunLayout(tmp_path / name)
