@@ -1,13 +1,33 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from noisy_student.config import Config, load_config
 from noisy_student.data import fetch
+from noisy_student.engine import CPU_BF16_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-bf16",
+        choices=("native", "on", "off"),
+        default="native",
+        help="what `precision: auto` computes in on CPU, in the tests and every process they "
+        "start: this CPU's own path (native), bf16 as on AMD EPYC (on; emulated where the "
+        "CPU lacks bf16 instructions) or fp32 as on an Intel Xeon (off)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    choice = config.getoption("--cpu-bf16")
+    if choice != "native":
+        os.environ[CPU_BF16_ENV] = "1" if choice == "on" else "0"
+
 
 TINY = {
     "train.epochs": 2,

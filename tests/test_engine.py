@@ -156,3 +156,18 @@ def test_auto_precision_is_bf16_on_cuda_and_fp32_forces_it_off() -> None:
         with precision("bf16"):
             assert uses_bf16(torch.device("cpu"))
         assert not uses_bf16(torch.device("cpu"))
+
+
+def test_the_environment_can_give_auto_the_other_kind_of_cpus_float_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``NOISY_STUDENT_CPU_BF16`` is how the suite runs Intel's fp32 path on an AMD CPU and
+    AMD's bf16 path on an Intel one (``pytest --cpu-bf16 off|on``)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("NOISY_STUDENT_CPU_BF16", "1")
+    assert uses_bf16(cpu) and _forward_dtypes("auto") == {torch.bfloat16}
+    monkeypatch.setenv("NOISY_STUDENT_CPU_BF16", "0")
+    assert not uses_bf16(cpu) and _forward_dtypes("auto") == {torch.float32}
+    monkeypatch.setenv("NOISY_STUDENT_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="NOISY_STUDENT_CPU_BF16 must be 0 or 1, not 'yes'"):
+        uses_bf16(cpu)

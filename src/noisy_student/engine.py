@@ -64,10 +64,21 @@ def precision(name: str) -> Iterator[None]:
         _PRECISION.reset(token)
 
 
-@cache
+CPU_BF16_ENV = "NOISY_STUDENT_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 instructions oneDNN uses (Linux's flags for AVX512-BF16
-    or AMX-BF16)."""
+    or AMX-BF16). ``NOISY_STUDENT_CPU_BF16=1`` or ``0`` overrides what the flags say, so a
+    test run takes the other kind of CPU's float path under ``precision: auto``."""
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"{CPU_BF16_ENV} must be 0 or 1, not {forced!r}")
+    return forced == "1" if forced else _cpu_flags_have_bf16()
+
+
+@cache
+def _cpu_flags_have_bf16() -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
