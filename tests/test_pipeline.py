@@ -16,7 +16,15 @@ from noisy_student.io import read_json, write_json
 from noisy_student.models import load_checkpoint, num_parameters
 from noisy_student.pipeline import label_pool, prepare, run_all, summarize, train
 from noisy_student.pseudo_label import targets_from_manifest
-from noisy_student.runs import MODEL, PER_CLASS, PSEUDO_LABELS, RunLayout, teacher_of
+from noisy_student.runs import (
+    METRICS,
+    MODEL,
+    PER_CLASS,
+    PSEUDO_LABELS,
+    RunLayout,
+    promotion,
+    teacher_of,
+)
 from tests.conftest import TINY
 
 
@@ -295,3 +303,25 @@ def test_precision_reaches_training_and_is_recorded(tiny_config: Config, tmp_pat
         assert metrics["test_accuracy"] > 0.25
         weights[name] = load_checkpoint(str(layout.model_dir(0) / MODEL)).state_dict()
     assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "loss", "promoted"),
+    [
+        (0.81, 0.60, True),  # higher accuracy, whatever the loss
+        (0.80, 0.49, True),  # a tie on accuracy, broken by a lower loss
+        (0.80, 0.50, False),  # an exact tie: the student has not shown it is better
+        (0.80, 0.51, False),
+        (0.79, 0.10, False),
+    ],
+)
+def test_if_better_promotes_a_student_only_when_it_beats_its_teacher(
+    tiny_config: Config, tmp_path: Path, accuracy: float, loss: float, promoted: bool
+) -> None:
+    layout = RunLayout(tmp_path)
+    write_json(layout.model_dir(0) / METRICS, {"val_accuracy": 0.80, "val_loss": 0.50})
+    assert promotion(tiny_config, layout, 0, accuracy, loss)["promoted"] is promoted
+    always = tiny_config.model_copy(
+        update={"student": tiny_config.student.model_copy(update={"promote": "always"})}
+    )
+    assert promotion(always, layout, 0, accuracy, loss)["promoted"] is True

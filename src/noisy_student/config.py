@@ -247,7 +247,8 @@ class StudentConfig(_Strict):
     )
     promote: Literal["always", "if_better"] = Field(
         "if_better",
-        description="if_better: a student that does not beat its teacher on validation does "
+        description="if_better: a student that does not beat its teacher on validation (higher "
+        "accuracy, or equal accuracy and lower loss; an exact tie on both is not a win) does "
         "not teach the next iteration (its teacher goes on teaching); always: every student does",
     )
 

@@ -81,7 +81,8 @@ def promotion(
 ) -> dict:
     """Whether the new model teaches the next iteration. The teacher (iteration 0) always
     does; a student under ``promote: if_better`` only when better on validation: higher
-    accuracy, or the same accuracy (common on a small validation set) and a lower loss."""
+    accuracy, or the same accuracy (common on a small validation set) and a lower loss. An
+    exact tie on both keeps the teacher: the student has not shown it is better."""
     if teacher_iteration is None:
         return {"teacher_iteration": None, "teacher_val_accuracy": None, "promoted": True}
     teacher = read_json(layout.model_dir(teacher_iteration) / METRICS)
