@@ -19,6 +19,7 @@ from noisy_student.data import fetch, source_options
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 from noisy_student.shards import ShardError, parse_shard
+from noisy_student.signals import Stopped, stop_on_signals
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -364,7 +365,18 @@ def _staged_step(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM or SIGINT stop a command as an exception, so that its
+    records are closed (KILLED) and its files cleaned up before it exits 128 + signal."""
     args = _parser().parse_args(argv)
+    try:
+        with stop_on_signals():
+            return _command(args)
+    except Stopped as stopped:
+        print(f"noisy-student: {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_status
+
+
+def _command(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,

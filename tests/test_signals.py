@@ -1,0 +1,52 @@
+"""The services around a step failing under it: SIGTERM (Kubernetes, Slurm, a Prefect
+cancellation) in the middle of training, a tracking server that is down, a corrupt
+store, a disk that fills while a file is written."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import mlflow
+
+from noisy_student import pipeline, records
+from noisy_student.runs import MODEL, RunLayout
+from tests.test_tracking import mlflow_store, params_file, start_cli, tiny_config, wait_for
+
+
+def _runs_of(client: mlflow.MlflowClient, key: str) -> dict[str, str]:
+    """The record kind (pipeline, train, ...) of each run of one pipeline run: its status."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.run_key = '{key}'")
+    return {run.data.tags["record"]: run.info.status for run in runs}
+
+
+def test_sigterm_during_training_closes_the_records_as_killed(
+    tmp_path: Path, digits_root: Path
+) -> None:
+    cfg = tiny_config(digits_root, **{"teacher.epochs": 200})
+    layout = RunLayout(tmp_path / "run")
+    pipeline.prepare(cfg, layout)
+    with mlflow_store(tmp_path) as client:
+        key = records.run_key(cfg, layout)
+        query = f"tags.run_key = '{key}' and tags.record = 'train'"
+        train = start_cli(
+            params_file(cfg, tmp_path / "p.yaml"), layout, "train", "--iteration", "0"
+        )
+
+        def training() -> bool:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()], query)
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "epoch/lr"))
+
+        try:
+            wait_for(training, train)
+            train.send_signal(signal.SIGTERM)
+            train.wait(timeout=30)
+        finally:
+            train.kill()
+        stderr = train.stderr.read().decode()
+        assert train.returncode == 143, stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == "noisy-student: train: stopped by SIGTERM"
+        assert _runs_of(client, key) == {"pipeline": "KILLED", "train": "KILLED"}
+        assert not (layout.model_dir(0) / MODEL).exists()
