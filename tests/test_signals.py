@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 
 import mlflow
+import psutil
+import pytest
 
 from noisy_student import pipeline, records
 from noisy_student.runs import MODEL, RunLayout
@@ -21,6 +23,13 @@ def _runs_of(client: mlflow.MlflowClient, key: str) -> dict[str, str]:
     return {run.data.tags["record"]: run.info.status for run in runs}
 
 
+def _epoch_logged(client: mlflow.MlflowClient, key: str) -> bool:
+    """Whether the training step of pipeline run ``key`` has logged an epoch: it trains."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.run_key = '{key}' and tags.record = 'train'")
+    return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "epoch/lr"))
+
+
 def test_sigterm_during_training_closes_the_records_as_killed(
     tmp_path: Path, digits_root: Path
 ) -> None:
@@ -29,17 +38,10 @@ def test_sigterm_during_training_closes_the_records_as_killed(
     pipeline.prepare(cfg, layout)
     with mlflow_store(tmp_path) as client:
         key = records.run_key(cfg, layout)
-        query = f"tags.run_key = '{key}' and tags.record = 'train'"
-        train = start_cli(
-            params_file(cfg, tmp_path / "p.yaml"), layout, "train", "--iteration", "0"
-        )
-
-        def training() -> bool:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()], query)
-            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "epoch/lr"))
-
+        params = params_file(cfg, tmp_path / "p.yaml")
+        train = start_cli(params, layout, "train", "--iteration", "0")
         try:
-            wait_for(training, train)
+            wait_for(lambda: _epoch_logged(client, key), train)
             train.send_signal(signal.SIGTERM)
             train.wait(timeout=30)
         finally:
@@ -50,3 +52,27 @@ def test_sigterm_during_training_closes_the_records_as_killed(
         assert stderr.strip().splitlines()[-1] == "noisy-student: train: stopped by SIGTERM"
         assert _runs_of(client, key) == {"pipeline": "KILLED", "train": "KILLED"}
         assert not (layout.model_dir(0) / MODEL).exists()
+
+
+@pytest.mark.e2e
+def test_sigterm_to_a_torchrun_launcher_stops_every_rank(tmp_path: Path, digits_root: Path) -> None:
+    cfg = tiny_config(digits_root, **{"teacher.epochs": 200})
+    layout = RunLayout(tmp_path / "run")
+    pipeline.prepare(cfg, layout)
+    with mlflow_store(tmp_path) as client:
+        key = records.run_key(cfg, layout)
+        params = params_file(cfg, tmp_path / "p.yaml")
+        launcher = start_cli(params, layout, "train", "--iteration", "0", "--nproc", "2")
+        try:
+            wait_for(lambda: _epoch_logged(client, key), launcher)
+            job = psutil.Process(launcher.pid).children(recursive=True)  # torchrun, ranks
+            assert sum("RANK" in process.environ() for process in job) == 2
+            launcher.send_signal(signal.SIGTERM)  # as Kubernetes does: to the launcher alone
+            launcher.wait(timeout=90)
+        finally:
+            launcher.kill()
+        stderr = launcher.stderr.read().decode()
+        assert launcher.returncode == 143, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == "noisy-student: train: stopped by SIGTERM"
+        assert not [p for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert _runs_of(client, key) == {"pipeline": "KILLED", "train": "KILLED"}
