@@ -5,14 +5,18 @@ store, a disk that fills while a file is written."""
 from __future__ import annotations
 
 import signal
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
 
-from noisy_student import pipeline, records
+from noisy_student import cli, pipeline, records
 from noisy_student.runs import MODEL, RunLayout
+from noisy_student.tracking import SERVER_ANSWER_SECONDS, StoreUnavailable, use_experiment
 from tests.test_tracking import mlflow_store, params_file, start_cli, tiny_config, wait_for
 
 
@@ -76,3 +80,73 @@ def test_sigterm_to_a_torchrun_launcher_stops_every_rank(tmp_path: Path, digits_
         assert stderr.strip().splitlines()[-1] == "noisy-student: train: stopped by SIGTERM"
         assert not [p for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert _runs_of(client, key) == {"pipeline": "KILLED", "train": "KILLED"}
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A loopback port that takes connections and never answers: a hung server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _closed_port() -> str:
+    """A loopback port nothing listens on: a server that is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _train(tmp_path: Path, digits_root: Path) -> list[str]:
+    params = params_file(tiny_config(digits_root), tmp_path / "p.yaml")
+    return [
+        "--params",
+        str(params),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "train",
+        "--iteration",
+        "0",
+    ]
+
+
+@pytest.mark.parametrize("server", ["down", "silent"])
+def test_a_tracking_server_that_does_not_answer_is_refused_in_seconds(
+    server: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    uri = _closed_port() if server == "down" else request.getfixturevalue("silent_server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    assert cli.main(_train(tmp_path, digits_root)) == 2
+    assert time.monotonic() - start < SERVER_ANSWER_SECONDS + 5  # MLflow's retries: minutes
+    [line] = capsys.readouterr().err.strip().splitlines()
+    reason = "Connection refused" if server == "down" else "no answer within"
+    assert line.startswith(f"noisy-student: train: MLFLOW_TRACKING_URI: the tracking server {uri}")
+    assert reason in line and "NOISY_STUDENT_MLFLOW=off" in line
+    assert not (tmp_path / "run" / "models").exists()  # refused before training
+
+
+def test_a_corrupt_sqlite_store_is_named_not_a_traceback(
+    tmp_path: Path,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "mlflow" / "mlflow.db"
+    store.parent.mkdir()
+    garbage = b"not a database, but the tester's garbage\n" * 200
+    store.write_bytes(garbage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    assert cli.main(_train(tmp_path, digits_root)) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"noisy-student: train: {store}: the MLflow store is not a usable")
+    assert "move it aside" in line
+    with pytest.raises(StoreUnavailable, match="file is not a database"):
+        use_experiment("noisy-student")  # the library's callers (Prefect tasks) too
+    assert store.read_bytes() == garbage  # left as it was, for whoever restores it

@@ -302,8 +302,14 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     train_step, label, entry_point = pipeline.train, pipeline.label_pool, None
     if not args.no_mlflow and int(os.environ.get("RANK", "0")) == 0:  # rank 0 records
         from noisy_student import records
+        from noisy_student.tracking import StoreUnavailable, check_store
 
         if records.enabled():
+            try:  # before any work: a store that cannot record is refused, not retried
+                check_store()
+            except StoreUnavailable as err:
+                print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+                return 2
             entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
             tags = dict(args.tag) or None
             train_step = partial(records.train_step, entry_point=entry_point, extra_tags=tags)
