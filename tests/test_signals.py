@@ -4,6 +4,9 @@ store, a disk that fills while a file is written."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import signal
 import socket
 import time
@@ -11,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import psutil
 import pytest
 
 from noisy_student import cli, pipeline, records
+from noisy_student.io import DiskFull, save_torch, write_parquet
 from noisy_student.runs import MODEL, RunLayout
 from noisy_student.tracking import SERVER_ANSWER_SECONDS, StoreUnavailable, use_experiment
 from tests.test_tracking import mlflow_store, params_file, start_cli, tiny_config, wait_for
@@ -150,3 +155,58 @@ def test_a_corrupt_sqlite_store_is_named_not_a_traceback(
     with pytest.raises(StoreUnavailable, match="file is not a database"):
         use_experiment("noisy-student")  # the library's callers (Prefect tasks) too
     assert store.read_bytes() == garbage  # left as it was, for whoever restores it
+
+
+def _fill_the_disk_writing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of the temporary file of ``name`` stop half-way with ENOSPC, as on a full disk
+    (a real one needs a mount of its own); other writes go through."""
+    write_bytes, to_parquet = Path.write_bytes, pd.DataFrame.to_parquet
+
+    def half_then_full(path: Path, data: bytes) -> int:
+        if not path.name.startswith(f".{name}."):
+            return write_bytes(path, data)
+        write_bytes(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def parquet_half_then_full(frame: pd.DataFrame, path: Path, **options: object) -> None:
+        if not Path(path).name.startswith(f".{name}."):
+            return to_parquet(frame, path, **options)
+        Path(path).write_bytes(b"PAR1 half a file")
+        raise OSError(errno.ENOSPC, "Error writing bytes to file")  # pyarrow's, errno set
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", parquet_half_then_full)
+
+
+def test_a_disk_that_fills_leaves_no_half_written_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, manifest = tmp_path / "model.pt", tmp_path / "pseudo_labels.parquet"
+    save_torch(model, {"weights": [1.0]})
+    before = model.read_bytes()
+    _fill_the_disk_writing("model.pt", monkeypatch)
+    _fill_the_disk_writing("pseudo_labels.parquet", monkeypatch)
+    with pytest.raises(DiskFull, match=f"^{re.escape(str(model))}: the disk is full \\(No space"):
+        save_torch(model, {"weights": [2.0] * 1000})
+    with pytest.raises(DiskFull, match=f"^{re.escape(str(manifest))}: the disk is full"):
+        write_parquet(manifest, pd.DataFrame({"image_id": [1, 2]}))
+    assert model.read_bytes() == before  # the earlier model, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt"]  # no temp left
+
+
+def test_train_on_a_full_disk_says_so_in_one_line(
+    tmp_path: Path,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = tiny_config(digits_root, **{"teacher.epochs": 1})
+    layout = RunLayout(tmp_path / "run")
+    pipeline.prepare(cfg, layout)
+    params = params_file(cfg, tmp_path / "p.yaml")
+    _fill_the_disk_writing(MODEL, monkeypatch)
+    argv = ["--params", str(params), "--run-dir", str(layout.root), "-q"]
+    assert cli.main([*argv, "train", "--iteration", "0", "--no-mlflow"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"noisy-student: train: {layout.model_dir(0) / MODEL}: the disk is full")
+    assert not [p.name for p in layout.model_dir(0).iterdir() if MODEL in p.name]

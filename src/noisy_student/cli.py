@@ -16,6 +16,7 @@ import pandas as pd
 from noisy_student import pipeline, progress, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.io import DiskFull
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 from noisy_student.shards import ShardError, parse_shard
@@ -372,7 +373,8 @@ def _staged_step(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; SIGTERM or SIGINT stop a command as an exception, so that its
-    records are closed (KILLED) and its files cleaned up before it exits 128 + signal."""
+    records are closed (KILLED) and its files cleaned up before it exits 128 + signal. A
+    disk that fills is one line naming the file (exit 1)."""
     args = _parser().parse_args(argv)
     try:
         with stop_on_signals():
@@ -380,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stopped:
         print(f"noisy-student: {args.command}: {stopped}", file=sys.stderr)
         return stopped.exit_status
+    except DiskFull as err:
+        print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 def _command(args: argparse.Namespace) -> int:
