@@ -21,7 +21,12 @@ import pytest
 from noisy_student import cli, pipeline, records
 from noisy_student.io import DiskFull, save_torch, write_parquet
 from noisy_student.runs import MODEL, RunLayout
-from noisy_student.tracking import SERVER_ANSWER_SECONDS, StoreUnavailable, use_experiment
+from noisy_student.tracking import (
+    SERVER_ANSWER_SECONDS,
+    StoreUnavailable,
+    check_store,
+    use_experiment,
+)
 from tests.test_tracking import mlflow_store, params_file, start_cli, tiny_config, wait_for
 
 
@@ -135,6 +140,13 @@ def test_a_tracking_server_that_does_not_answer_is_refused_in_seconds(
     assert line.startswith(f"noisy-student: train: MLFLOW_TRACKING_URI: the tracking server {uri}")
     assert reason in line and "NOISY_STUDENT_MLFLOW=off" in line
     assert not (tmp_path / "run" / "models").exists()  # refused before training
+
+
+def test_the_refusal_of_a_server_never_shows_its_password() -> None:
+    uri = _closed_port().replace("//", "//bob:secret@")
+    with pytest.raises(StoreUnavailable, match="server http://127.0.0.1:") as refused:
+        check_store(uri)
+    assert "secret" not in str(refused.value) and "bob" not in str(refused.value)
 
 
 def test_a_corrupt_sqlite_store_is_named_not_a_traceback(

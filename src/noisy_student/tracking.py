@@ -79,8 +79,9 @@ def check_store(uri: str | None = None) -> None:
         try:  # any HTTP answer, even a refusal of a proxy, means the server is up
             requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_ANSWER_SECONDS)
         except requests.RequestException as err:
+            shown = re.sub(r"//[^/@]*@", "//", uri)  # never a password into the logs
             raise StoreUnavailable(
-                f"MLFLOW_TRACKING_URI: the tracking server {uri} does not answer "
+                f"MLFLOW_TRACKING_URI: the tracking server {shown} does not answer "
                 f"({_reason(err)}); start it, point MLFLOW_TRACKING_URI at one that runs, "
                 f"or record nothing with {SWITCH_OFF}"
             ) from None
