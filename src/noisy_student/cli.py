@@ -16,9 +16,11 @@ import pandas as pd
 from noisy_student import pipeline, progress, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.io import DiskFull
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 from noisy_student.shards import ShardError, parse_shard
+from noisy_student.signals import Stopped, stop_on_signals
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -301,8 +303,14 @@ def _step(args: argparse.Namespace, cfg, layout: RunLayout) -> int:
     train_step, label, entry_point = pipeline.train, pipeline.label_pool, None
     if not args.no_mlflow and int(os.environ.get("RANK", "0")) == 0:  # rank 0 records
         from noisy_student import records
+        from noisy_student.tracking import StoreUnavailable, check_store
 
         if records.enabled():
+            try:  # before any work: a store that cannot record is refused, not retried
+                check_store()
+            except StoreUnavailable as err:
+                print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+                return 2
             entry_point = args.entry_point or ("dvc" if os.environ.get("DVC_STAGE") else "cli")
             tags = dict(args.tag) or None
             train_step = partial(records.train_step, entry_point=entry_point, extra_tags=tags)
@@ -364,7 +372,22 @@ def _staged_step(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM or SIGINT stop a command as an exception, so that its
+    records are closed (KILLED) and its files cleaned up before it exits 128 + signal. A
+    disk that fills is one line naming the file (exit 1)."""
     args = _parser().parse_args(argv)
+    try:
+        with stop_on_signals():
+            return _command(args)
+    except Stopped as stopped:
+        print(f"noisy-student: {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_status
+    except DiskFull as err:
+        print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,

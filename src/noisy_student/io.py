@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -14,19 +15,43 @@ from typing import Any
 import pandas as pd
 import torch
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left; the user's quota exceeded
+
+
+class DiskFull(OSError):
+    """A file that could not be written for want of space: one line naming it."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(
+            cause.errno,
+            f"{path}: the disk is full ({os.strerror(cause.errno or errno.ENOSPC)}); the file "
+            "was not written (nothing half-written is left): free space and run the step again",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+    Raises ``DiskFull`` naming ``path`` (not the temporary file) when the disk fills."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if err.errno in FULL:
+            raise DiskFull(path, err) from err
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FULL:
+            raise DiskFull(path, err) from err
         raise
 
 

@@ -24,8 +24,12 @@ import yaml
 from noisy_student.config import Config
 from noisy_student.distributed import DistributedError, check_launch, cpu_share
 from noisy_student.runs import RunLayout
+from noisy_student.signals import Stopped
 
 log = logging.getLogger(__name__)
+
+# torchrun gives its ranks 30 s to stop after it passes a signal on, then kills them.
+RANKS_STOP_SECONDS = 60
 
 
 class JobFailed(RuntimeError):
@@ -146,12 +150,26 @@ def torchrun_command(launch: Launch, cli_args: list[str]) -> list[str]:
 
 
 def run_torchrun(launch: Launch, cli_args: list[str]) -> int:
-    """Run the step under torchrun; its exit status (non-zero when any rank failed)."""
+    """Run the step under torchrun; its exit status (non-zero when any rank failed).
+
+    Stopped by a signal (``Stopped``), the launcher passes it on to torchrun, which passes
+    it on to every rank (each closes its records), and waits for them before it exits:
+    killing torchrun instead would leave its ranks training with no one to wait for them.
+    """
     cmd = torchrun_command(launch, cli_args)
     log.info("launching %d process(es) per machine: %s", launch.nproc, " ".join(cmd))
     # torchrun would set 1 thread per process; each rank sizes its own (cpu_share).
     env = {"OMP_NUM_THREADS": str(cpu_share(launch.nproc)), **os.environ}
-    return subprocess.run(cmd, env=env, check=False).returncode
+    with subprocess.Popen(cmd, env=env) as job:
+        try:
+            return job.wait()
+        except Stopped as stopped:
+            job.send_signal(stopped.signum)
+            try:
+                job.wait(timeout=RANKS_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                job.kill()
+            raise
 
 
 def train_in_processes(

@@ -6,7 +6,8 @@ opens it, later steps (in other processes: DVC stages, Prefect tasks) find it by
 tag, and ``record_run`` (the report) closes it. Under it, each training step logs into its
 own child run as it runs (params at the start, per-epoch metrics ``epoch/*`` live, the
 model when saved) and each labeling step into another; a step that fails marks its child
-and the parent FAILED, and a re-run of the same pipeline run resumes the same parent.
+and the parent FAILED (KILLED when SIGTERM or Ctrl-C stopped it), and a re-run of the same
+pipeline run resumes the same parent.
 
 Re-runs are idempotent: a step that runs again replaces its earlier, unfinished attempt,
 and drops its own record when an earlier attempt recorded the same output file (same
@@ -51,6 +52,7 @@ from noisy_student.registry import (
 )
 from noisy_student.report import markdown_table
 from noisy_student.runs import HISTORY, METRICS, MODEL, PSEUDO_LABELS, RunLayout, final_iteration
+from noisy_student.signals import Stopped
 from noisy_student.tracking import (
     _flat,
     _log_model,
@@ -97,6 +99,12 @@ def child_name(cfg: Config, iteration: int) -> str:
 
 def label_name(iteration: int) -> str:
     return f"pseudo-labels {iteration}"
+
+
+def end_status(err: BaseException) -> str:
+    """How a record ends when ``err`` stopped its step: KILLED when a signal or Ctrl-C
+    stopped it (the step was sound, and may simply run again), FAILED for an error."""
+    return "KILLED" if isinstance(err, (Stopped, KeyboardInterrupt)) else "FAILED"
 
 
 @dataclass
@@ -206,8 +214,9 @@ class Attempt:
 def step_run(
     records: Records, record: str, iteration: int, name: str, start_time: int | None = None
 ) -> Iterator[Attempt]:
-    """A child run, active (``mlflow.*`` logs into it) while the block runs: FINISHED after,
-    FAILED (and the parent with it) when the block raises."""
+    """A child run, active (``mlflow.*`` logs into it) while the block runs: FINISHED after;
+    when the block raises, FAILED (and the parent with it), or KILLED when a signal or
+    Ctrl-C stopped it."""
     stale = _search(records, record, iteration)
     run = records.client.create_run(
         records.experiment_id,
@@ -224,8 +233,11 @@ def step_run(
     try:
         with mlflow.start_run(run_id=run.info.run_id):
             yield attempt
-    except BaseException:
-        records.client.set_terminated(records.parent_id, "FAILED")
+    except BaseException as err:
+        status = end_status(err)
+        if status != "FAILED":  # MLflow's own end of the run says FAILED
+            records.client.set_terminated(attempt.run_id, status)
+        records.client.set_terminated(records.parent_id, status)
         raise
     attempt.settle()
 
@@ -552,8 +564,8 @@ def record_run(
             client.log_artifact(parent, str(layout.report / name), "report")
         promoted = versions[final_iteration(table)][0]
         update_aliases(client, records.registered_model, promoted, versions)
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
+    except BaseException as err:
+        client.set_terminated(parent, end_status(err))
         raise
     client.set_terminated(parent, "FINISHED")
     log.info(

@@ -8,9 +8,11 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
+import requests
 import torch
 import torchvision
 from mlflow.models import infer_signature
@@ -46,10 +49,57 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 MANIFEST_ROWS = 20_000  # pseudo-label rows logged per student; a seeded sample beyond
 GRID_IMAGES = 32  # pseudo-labeled images shown per student
+SERVER_ANSWER_SECONDS = 5  # a tracking server that takes longer to answer is down
+SWITCH_OFF = "NOISY_STUDENT_MLFLOW=off"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+class StoreUnavailable(RuntimeError):
+    """The tracking store cannot record: a server that does not answer, a database file
+    that is not one. Its message is one line naming the store and what to do."""
+
+
+def _reason(err: requests.RequestException) -> str:
+    """``Connection refused`` out of requests' nested message, or the error's kind."""
+    if isinstance(err, requests.Timeout):
+        return f"no answer within {SERVER_ANSWER_SECONDS:g} s"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(err))
+    return found.group(1).strip() if found else type(err).__name__
+
+
+def check_store(uri: str | None = None) -> None:
+    """Refuse, within seconds and before any work, a store that cannot record: MLflow's
+    client retries a server that is down for minutes before it says anything, and a
+    corrupt database file ends in a traceback of SQL. Raises ``StoreUnavailable``."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:  # any HTTP answer, even a refusal of a proxy, means the server is up
+            requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_ANSWER_SECONDS)
+        except requests.RequestException as err:
+            shown = re.sub(r"//[^/@]*@", "//", uri)  # never a password into the logs
+            raise StoreUnavailable(
+                f"MLFLOW_TRACKING_URI: the tracking server {shown} does not answer "
+                f"({_reason(err)}); start it, point MLFLOW_TRACKING_URI at one that runs, "
+                f"or record nothing with {SWITCH_OFF}"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.exists():
+            return  # a new store: MLflow creates it
+        try:
+            with closing(
+                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+            ) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise StoreUnavailable(
+                f"{path}: the MLflow store is not a usable SQLite database ({err}); move it "
+                "aside to start a new store, restore it from a backup, or record nothing "
+                f"with {SWITCH_OFF}"
+            ) from None
 
 
 def artifact_root(uri: str) -> Path | None:
@@ -85,11 +135,13 @@ def store_lock(name: str) -> Iterator[None]:
 def use_experiment(name: str) -> str:
     """Point MLflow at the tracking store and experiment; return the experiment id.
 
-    The store's schema is created or migrated, and the experiment created, by one process
+    A store that cannot record is refused first (``check_store``). The store's schema is
+    created or migrated, and the experiment created, by one process
     at a time (``store_lock``); on a sqlite store a new experiment keeps its artifacts
     beside the database.
     """
     uri = tracking_uri()
+    check_store(uri)
     root = artifact_root(uri)
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
