@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from noisy_student.data.imagefolder import DECODE_ERRORS, _decode
+from noisy_student.data.imagefolder import DECODE_ERRORS, decode_image
 from noisy_student.models import CheckpointError, build_model, read_checkpoint
 from noisy_student.progress import track
 
@@ -37,7 +37,18 @@ if TYPE_CHECKING:
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"  # in every run that logs a model
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes of one-channel images
+GREY_MODES = {
+    "1",
+    "L",
+    "LA",
+    "La",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "F",
+}  # PIL modes of one-channel images
 SHOWN_CLASSES = 20
 SHOWN_FILES = 8
 # The memory one predict batch may take (float input and activations, as
@@ -394,7 +405,7 @@ def classify(
     for start in track(range(0, len(kept), batch_size), "classifying", unit="batch"):
         pixels, done = [], []
         for path in kept[start : start + batch_size]:
-            decoded = _decode(path, mode, model.size)  # as the imagefolder source decodes
+            decoded = decode_image(path, mode, model.size)  # as the imagefolder source decodes
             if isinstance(decoded, str):
                 skipped.append((path, decoded))
             else:
