@@ -5,7 +5,10 @@ what is wrong; an ImageFolder symlink leading outside the tree is refused and li
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import pickle
+import shutil
 import struct
 import tracemalloc
 from pathlib import Path
@@ -20,7 +23,9 @@ from noisy_student import cli
 from noisy_student.config import Config
 from noisy_student.data import fetch, load_images
 from noisy_student.data.idx import MAX_INFLATED_BYTES, idx_bytes, read_idx
+from noisy_student.data.layout import PARTITION
 from noisy_student.data.sources import MAX_CIFAR_BATCH_BYTES
+from tests.test_preflight import params, refused
 from tests.test_sources import write_cifar, write_fashion, write_stl10, write_svhn
 
 
@@ -166,8 +171,10 @@ def test_links_leading_outside_the_tree_are_refused_and_listed(
         "labeled/cat/outside.png",
         "unlabeled/outside_dir",
         "unlabeled/dangling.png",
+        "unlabeled/loop",
     }
     assert "outside the image folder: refused" in reasons["labeled/cat/outside.png"]
+    assert reasons["unlabeled/loop"] == "symlink to ., a folder already read: skipped"
     assert "data.follow_symlinks: true" in reasons["unlabeled/outside_dir"]
     assert reasons["unlabeled/dangling.png"] == "dangling symlink (to gone.png)"
     # 4 labeled; the pool: u.png and the link inside the tree (the loop walked once).
@@ -186,8 +193,75 @@ def test_follow_symlinks_follows_them(tmp_path: Path, linked_tree: Path) -> None
         follow_symlinks=True,
     )
     data = load_images("imagefolder", tmp_path / "data")
-    assert [path for path, _ in data.skipped] == ["unlabeled/dangling.png"]
+    assert [path for path, _ in data.skipped] == ["unlabeled/dangling.png", "unlabeled/loop"]
     assert data.partition.tolist() == ["train"] * 5 + ["unlabeled"] * 3
     pixels = data.images[:, 0, 0, 0].tolist()
     assert 7 in pixels and 9 in pixels
     np.testing.assert_array_equal(np.sort(data.labels[:5]), [0, 0, 0, 1, 1])
+
+
+def test_a_class_folder_linked_to_its_sibling_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """labeled/dog -> cat would label cat's images twice (or, walked once, leave dog
+    empty): refused naming both; a folder inside a class linking to one already read is
+    listed as skipped."""
+    root = tmp_path / "photos"
+    image(root / "labeled" / "cat" / "0.png", 10)
+    image(root / "labeled" / "dog" / "0.png", 20)
+    image(root / "unlabeled" / "u.png", 30)
+    os.symlink(Path("..") / "cat", root / "labeled" / "dog" / "again")
+    fetch("imagefolder", tmp_path / "data", directory=root, image_size=8)
+    reasons = dict(load_images("imagefolder", tmp_path / "data").skipped)
+    assert reasons == {"labeled/dog/again": "symlink to ../cat, a folder already read: skipped"}
+
+    (root / "labeled" / "bird").symlink_to("cat")
+    tree = Config().model_dump(mode="json")
+    tree["data"].update(source="imagefolder", directory=str(root), image_size=8)
+    tree["data"]["root"] = str(tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["--params", str(tmp_path / "params.yaml"), "data", "fetch"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"class folder {root / 'labeled' / 'bird'} is a symlink to cat" in line
+    assert "the folder of class 'cat'" in line
+
+
+def test_a_materialized_layout_that_is_not_one_is_named(
+    tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """classes.json a mapping or not JSON, a partition code outside PARTITIONS: each one
+    line naming the file and what it must hold, not a traceback or a label error."""
+    folder = tmp_path / "data" / "digits"
+    shutil.copytree(digits_root / "digits", folder)
+    path = params(tmp_path, tmp_path / "data")
+    classes = folder / "classes.json"
+    classes.write_text(json.dumps({str(i): f"digit {i}" for i in range(10)}))
+    refused(capsys, ["--params", str(path), "validate"], str(classes), "a JSON list of class names")
+    classes.write_text("[0, 1,")
+    refused(capsys, ["--params", str(path), "validate"], str(classes), "not JSON")
+    classes.write_text(json.dumps([str(i) for i in range(10)]))
+    codes = np.zeros(len(load_images("digits", tmp_path / "data")), np.uint8)
+    codes[5] = 7
+    (folder / PARTITION).write_bytes(idx_bytes(codes))
+    refused(
+        capsys,
+        ["--params", str(path), "validate"],
+        str(folder / PARTITION),
+        "unknown partition code 7; allowed: 0 (train), 1 (val), 2 (test), 3 (unlabeled)",
+    )
+
+
+def test_data_fetch_names_a_cifar_batch_it_refuses_to_unpickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_cifar(tmp_path / "src")
+    batch = tmp_path / "src" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": print}))
+    tree = Config().model_dump(mode="json")
+    tree["data"].update(source="cifar10", directory=str(tmp_path / "src"))
+    tree["data"]["root"] = str(tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["--params", str(tmp_path / "params.yaml"), "data", "fetch"]) == 2
+    err = capsys.readouterr().err
+    [line] = err.strip().splitlines()
+    assert f"{batch}: not a CIFAR batch" in line and "builtins.print is not allowed" in line

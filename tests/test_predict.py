@@ -210,3 +210,19 @@ def test_predict_shrinks_a_batch_that_would_take_gigabytes(tmp_path: Path) -> No
     assert len(table) == 2 and not skipped
     expected, _ = classify(model, files, batch_size=1, warn=warnings.append)
     assert table["class_index"].tolist() == expected["class_index"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("zero, one, two", "not JSON (Expecting value"), ('{"0": "zero"}', "expected a JSON list")],
+)
+def test_predict_names_a_classes_file_that_is_not_a_json_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, problem: str
+) -> None:
+    save_torch(tmp_path / "model.pt", save_checkpoint(build_model(num_classes=3), image_size=8))
+    Image.new("L", (8, 8), 10).save(tmp_path / "digit.png")
+    (tmp_path / "names.txt").write_text(text)
+    args = ["predict", "--model", str(tmp_path / "model.pt"), "--classes"]
+    assert cli.main([*args, str(tmp_path / "names.txt"), str(tmp_path / "digit.png")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"--classes {tmp_path / 'names.txt'}: {problem}" in line

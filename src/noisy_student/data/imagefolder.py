@@ -64,6 +64,9 @@ def _visible_files(
         here = Path(top)
         if here.resolve() in walked:
             dirs[:] = []
+            if here.is_symlink():
+                target = os.readlink(here)
+                refused.append((here, f"symlink to {target}, a folder already read: skipped"))
             continue
         walked.add(here.resolve())
         kept = []
@@ -182,6 +185,24 @@ def _classified(
     return files, stray
 
 
+def _refuse_linked_classes(labeled: Path, classes: list[str]) -> None:
+    """A class folder that is a symlink to another class folder (or into or around one)
+    would give that class's images a second label, or, walked once, leave it empty: refuse
+    it, naming both."""
+    resolved = {name: (labeled / name).resolve() for name in classes}
+    for name in classes:
+        if not (labeled / name).is_symlink():
+            continue
+        for other in classes:
+            here, there = resolved[name], resolved[other]
+            if other != name and (here.is_relative_to(there) or there.is_relative_to(here)):
+                raise ValueError(
+                    f"imagefolder: class folder {labeled / name} is a symlink to "
+                    f"{os.readlink(labeled / name)}, the folder of class {other!r}: an image "
+                    "has one class; copy the images or remove the link"
+                )
+
+
 def imagefolder(
     directory: str | Path | None = None,
     image_size: int = 32,
@@ -212,6 +233,7 @@ def imagefolder(
     )
     if not classes:
         raise ValueError(f"imagefolder: {root / 'labeled'} has no class folder")
+    _refuse_linked_classes(root / "labeled", classes)
     for split in ("val", "test"):
         if (root / split).is_dir():
             extra = {
