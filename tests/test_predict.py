@@ -22,7 +22,15 @@ from PIL import Image
 from noisy_student import cli
 from noisy_student.data import load_images
 from noisy_student.engine import precision, predict_proba
-from noisy_student.models import load_checkpoint
+from noisy_student.inference import (
+    PREDICT_BATCH_BYTES,
+    InferenceModel,
+    bytes_per_image,
+    classify,
+    fitting_batch,
+)
+from noisy_student.io import save_torch
+from noisy_student.models import build_model, load_checkpoint, save_checkpoint
 from noisy_student.tracking import log_pipeline_run
 from tests.test_tracking import MODEL_NAME, mlflow_store, tiny_run
 
@@ -164,3 +172,57 @@ def test_predict_refuses_an_output_it_cannot_write_before_classifying(
         assert cli.main([*model, "--output", str(output)]) == 2
         [line] = capsys.readouterr().err.strip().splitlines()
         assert problem in line and "--output" in line
+
+
+def test_predict_refuses_an_image_size_whose_one_image_needs_gigabytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint within the schema's bounds recording 4096 px: one image would take
+    3 GiB of activations, so predict refuses in one line before decoding any image."""
+    model = build_model(num_classes=3, in_channels=1)
+    save_torch(tmp_path / "model.pt", save_checkpoint(model, image_size=4096))
+    Image.new("L", (8, 8), 10).save(tmp_path / "small.png")
+    args = ["predict", "--model", str(tmp_path / "model.pt"), "--resize", str(tmp_path)]
+    assert cli.main(args) == 2
+    described, line = capsys.readouterr().err.strip().splitlines()  # what the model takes
+    assert "1-channel 4096x4096 images" in described
+    assert "one 4096x4096 image needs 3136 MiB" in line
+    assert f"{PREDICT_BATCH_BYTES // 2**20} MiB predict allows" in line
+
+
+def test_predict_shrinks_a_batch_that_would_take_gigabytes(tmp_path: Path) -> None:
+    """256 images of 256 px through an 8-channel model would take 1.6 GiB: classified in
+    batches under PREDICT_BATCH_BYTES instead, with a warning, and the same classes."""
+    torch.manual_seed(0)
+    module = build_model(num_classes=3, in_channels=1, width=0.5).eval()
+    model = InferenceModel(module, 1, 256, None, "model.pt")
+    fitting = fitting_batch(model, 256)
+    assert fitting < 256 and fitting * bytes_per_image(model) <= PREDICT_BATCH_BYTES
+    files = []
+    for value in (0, 255):
+        files.append(tmp_path / f"{value}.png")
+        Image.new("L", (256, 256), value).save(files[-1])
+    warnings: list[str] = []
+    table, skipped = classify(model, files, batch_size=256, warn=warnings.append)
+    assert warnings == [
+        f"WARNING: a batch of 256 256x256 images would exceed 1024 MiB: {fitting} at a time"
+    ]
+    assert len(table) == 2 and not skipped
+    expected, _ = classify(model, files, batch_size=1, warn=warnings.append)
+    assert table["class_index"].tolist() == expected["class_index"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("zero, one, two", "not JSON (Expecting value"), ('{"0": "zero"}', "expected a JSON list")],
+)
+def test_predict_names_a_classes_file_that_is_not_a_json_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, problem: str
+) -> None:
+    save_torch(tmp_path / "model.pt", save_checkpoint(build_model(num_classes=3), image_size=8))
+    Image.new("L", (8, 8), 10).save(tmp_path / "digit.png")
+    (tmp_path / "names.txt").write_text(text)
+    args = ["predict", "--model", str(tmp_path / "model.pt"), "--classes"]
+    assert cli.main([*args, str(tmp_path / "names.txt"), str(tmp_path / "digit.png")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"--classes {tmp_path / 'names.txt'}: {problem}" in line

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,17 @@ import pytest
 import torch
 
 from noisy_student import cli
+from noisy_student import models as models_module
 from noisy_student.config import ConfigError, load_config
 from noisy_student.inference import ModelSourceError
 from noisy_student.io import save_torch
-from noisy_student.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from noisy_student.models import (
+    MAX_CHECKPOINT_BYTES,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from noisy_student.tracking import use_experiment
 from noisy_student.transfer import load_pretrained
 from tests.test_tracking import mlflow_store
@@ -235,3 +244,56 @@ def test_params_bound_the_model_size() -> None:
         load_config(None, {"teacher.width": 9.0})
     with pytest.raises(ConfigError, match=r"iterations\.2\.depth: .*less than or equal to 4"):
         load_config(None, {"iterations.2.depth": 5.0})
+
+
+def _declare_entry_size(path: Path, name_part: bytes, size: int) -> None:
+    """Rewrite the uncompressed size the zip's central directory declares for the first
+    entry whose name holds ``name_part``: what a hand-made hostile archive says."""
+    data = bytearray(path.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    offset = struct.unpack_from("<I", data, end + 16)[0]
+    while data[offset : offset + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<3H", data, offset + 28)
+        if name_part in data[offset + 46 : offset + 46 + name_len]:
+            struct.pack_into("<I", data, offset + 24, size)
+            path.write_bytes(bytes(data))
+            return
+        offset += 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"no entry {name_part!r} in {path}")
+
+
+def test_a_checkpoint_archive_declaring_gigabytes_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small checkpoint whose zip directory declares a 3 GiB tensor storage is refused
+    from the directory, before torch.load allocates it; `predict` says so in one line."""
+    path = checkpoint_with(tmp_path)
+    _declare_entry_size(path, b"/data/0", 3 * 1024**3)
+    assert path.stat().st_size < 1024**2
+    with pytest.raises(CheckpointError, match=r"its entries inflate to 32\d{8} bytes"):
+        load_checkpoint(str(path))
+    assert cli.main(["predict", "--model", str(path), str(tmp_path)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert str(path) in line and f"at most {MAX_CHECKPOINT_BYTES}" in line
+
+
+def test_a_checkpoint_holding_a_compression_bomb_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry deflated from 64 MiB of zeros (64 KiB on disk) counts at its inflated size;
+    the bound is lowered to 32 MiB so that the bomb stays small enough to build quickly."""
+    monkeypatch.setattr(models_module, "MAX_CHECKPOINT_BYTES", 32 * 1024**2)
+    path = checkpoint_with(tmp_path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr("archive/data/99", bytes(64 * 1024**2))
+    with pytest.raises(CheckpointError, match=f"{path}: its entries inflate to 6"):
+        load_checkpoint(str(path))
+
+
+def test_a_legacy_format_checkpoint_is_refused(tmp_path: Path) -> None:
+    """torch's pre-1.6 format allocates whatever storage sizes its pickle declares."""
+    path = tmp_path / "legacy.pt"
+    ckpt = save_checkpoint(build_model(num_classes=3))
+    torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="not a torch checkpoint archive"):
+        load_checkpoint(str(path))

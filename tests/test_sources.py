@@ -22,6 +22,7 @@ from PIL import Image
 from noisy_student.data import fetch, load_images, make_splits, source_options
 from noisy_student.data import sources as sources_module
 from noisy_student.data.idx import idx_bytes
+from noisy_student.data.imagefolder import decode_image
 
 FASHION_REAL = Path("/usr/share/datasets/fashion-mnist")
 
@@ -226,7 +227,7 @@ def test_cifar_refuses_code_in_a_pickle(tmp_path: Path) -> None:
     write_cifar(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": print}))
-    with pytest.raises(pickle.UnpicklingError, match="builtins.print is not allowed"):
+    with pytest.raises(ValueError, match="data_batch_3: not a CIFAR batch .*builtins.print is not"):
         fetch("cifar10", tmp_path / "data", directory=folder)
 
 
@@ -425,6 +426,52 @@ def test_imagefolder_grayscale_and_size(
     gray = Image.fromarray(known["labeled/cat/a.png"]).convert("L")
     expected = gray.resize((16, 16), Image.Resampling.BILINEAR)
     np.testing.assert_array_equal(data.images[0, 0], np.asarray(expected))
+
+
+def save_shape_in_alpha(path: Path, mode: str, side: int = 8) -> None:
+    """An icon drawn only in its transparency: black everywhere, opaque in the middle half,
+    transparent around it (a viewer shows a black square on white)."""
+    alpha = np.zeros((side, side), np.uint8)
+    alpha[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":  # palette index 0 transparent, 1 black
+        image = Image.fromarray((alpha > 0).astype(np.uint8), "P")
+        image.putpalette([255, 0, 0, 0, 0, 0])
+        image.save(path, transparency=0)
+    else:
+        black = np.zeros((side, side, len(mode) - 1), np.uint8)
+        Image.fromarray(np.dstack([black, alpha]).squeeze(), mode).save(path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("channels", ["L", "RGB"])
+def test_a_shape_drawn_in_transparency_is_composited_on_white(
+    tmp_path: Path, mode: str, channels: str
+) -> None:
+    save_shape_in_alpha(tmp_path / "icon.png", mode)
+    expected = np.full((8, 8), 255, np.uint8)
+    expected[2:6, 2:6] = 0
+    decoded = decode_image(tmp_path / "icon.png", channels, 8)
+    np.testing.assert_array_equal(decoded, np.broadcast_to(expected, (len(channels), 8, 8)))
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit grey PNG (PIL mode I;16): level k * 257 is the 8-bit level k, where
+    ``convert("L")`` would clip every level above 255 to white."""
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    deep = tmp_path / "mine" / "labeled" / "ramp" / "deep.png"
+    save_png(deep, levels * 257)
+    save_shape_in_alpha(tmp_path / "mine" / "unlabeled" / "icon.png", "RGBA", 16)
+    assert Image.open(deep).mode == "I;16"
+    fetch(
+        "imagefolder", tmp_path / "data", directory=tmp_path / "mine", channels="L", image_size=16
+    )
+    data = load_images("imagefolder", tmp_path / "data")
+    np.testing.assert_array_equal(data.images[0, 0], levels)
+    assert data.images[1, 0, 0, 0] == 255 and data.images[1, 0, 8, 8] == 0  # white around
+    np.testing.assert_array_equal(
+        decode_image(deep, "RGB", 16), np.broadcast_to(levels, (3, 16, 16))
+    )
 
 
 def test_imagefolder_fetch_is_byte_stable(

@@ -251,9 +251,13 @@ def _stderr(message: str) -> None:
 
 
 def _class_names(path: str) -> list[str]:
-    names = json.loads(Path(path).read_text(encoding="utf-8"))
+    """The names ``--classes`` gives; a file that is not a JSON list is named with why."""
+    try:
+        names = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"--classes {path}: not JSON ({err})") from None
     if not isinstance(names, list):
-        raise ValueError(f"{path}: expected a JSON list of class names")
+        raise ValueError(f"--classes {path}: expected a JSON list of class names")
     return [str(name) for name in names]
 
 

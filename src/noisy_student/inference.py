@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from noisy_student.data.imagefolder import DECODE_ERRORS, _decode
+from noisy_student.data.imagefolder import DECODE_ERRORS, decode_image
 from noisy_student.models import CheckpointError, build_model, read_checkpoint
 from noisy_student.progress import track
 
@@ -37,9 +37,25 @@ if TYPE_CHECKING:
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"  # in every run that logs a model
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes of one-channel images
+GREY_MODES = {
+    "1",
+    "L",
+    "LA",
+    "La",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "F",
+}  # PIL modes of one-channel images
 SHOWN_CLASSES = 20
 SHOWN_FILES = 8
+# The memory one predict batch may take (float input and activations, as
+# :func:`bytes_per_image` estimates them): a larger --batch-size is shrunk to fit, and an
+# image size of which a single image needs more (a checkpoint within the schema's bounds may
+# record up to 4096 px) is refused before any image is decoded.
+PREDICT_BATCH_BYTES = 1024**3
 
 
 class ModelSourceError(ValueError):
@@ -322,6 +338,41 @@ def _fit(
     return kept, unreadable, conversions
 
 
+def bytes_per_image(model: InferenceModel) -> int:
+    """The memory one image takes through ``model``: its float input plus three times the
+    largest activation (a residual block holds its input, its branch and its output at
+    once), measured on a twin of the model on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        twin = build_model(**model.module.config).eval()
+    largest = 0
+
+    def record(module: nn.Module, inputs: object, output: object) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    for module in twin.modules():
+        module.register_forward_hook(record)
+    with torch.inference_mode():
+        image = torch.empty(1, model.in_channels, model.size, model.size, device="meta")
+        twin(image)
+    return image.numel() * image.element_size() + 3 * largest
+
+
+def fitting_batch(model: InferenceModel, batch_size: int) -> int:
+    """``batch_size``, or fewer images so that a batch stays under PREDICT_BATCH_BYTES;
+    ValueError when not even one image fits."""
+    per_image = bytes_per_image(model)
+    fits = PREDICT_BATCH_BYTES // per_image
+    if not fits:
+        raise ValueError(
+            f"{model.source}: one {model.size}x{model.size} image needs "
+            f"{per_image // 2**20} MiB through this model, more than the "
+            f"{PREDICT_BATCH_BYTES // 2**20} MiB predict allows for a batch"
+        )
+    return min(batch_size, fits)
+
+
 def classify(
     model: InferenceModel,
     files: list[Path],
@@ -334,11 +385,19 @@ def classify(
     match its input channels, at its side, scaled to [0, 1]. Returns one row per image
     (path, class, class_index, confidence) and the ``(file, reason)`` skipped as
     unreadable. Images of another channel count or size are refused before any is
-    classified unless ``convert`` / ``resize`` allow it (each conversion is warned of)."""
+    classified unless ``convert`` / ``resize`` allow it (each conversion is warned of);
+    a ``batch_size`` whose batch would exceed PREDICT_BATCH_BYTES is shrunk, with a warning."""
     names = model.classes
     if model.size is None:
         raise ValueError(f"{model.source}: records no image size; pass --size")
+    fitting = fitting_batch(model, batch_size)
     kept, skipped, conversions = _fit(model, files, convert, resize)
+    if fitting < batch_size:
+        conversions.append(
+            f"a batch of {batch_size} {model.size}x{model.size} images would exceed "
+            f"{PREDICT_BATCH_BYTES // 2**20} MiB: {fitting} at a time"
+        )
+        batch_size = fitting
     for text in conversions:
         warn(f"WARNING: {text}")
     mode = "L" if model.in_channels == 1 else "RGB"
@@ -346,7 +405,7 @@ def classify(
     for start in track(range(0, len(kept), batch_size), "classifying", unit="batch"):
         pixels, done = [], []
         for path in kept[start : start + batch_size]:
-            decoded = _decode(path, mode, model.size)  # as the imagefolder source decodes
+            decoded = decode_image(path, mode, model.size)  # as the imagefolder source decodes
             if isinstance(decoded, str):
                 skipped.append((path, decoded))
             else:

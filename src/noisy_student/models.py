@@ -5,6 +5,7 @@ stochastic depth on residual branches) built in and a ``config`` dict that rebui
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -310,9 +311,36 @@ class CheckpointError(ValueError):
     what ``params.yaml`` allows; the message is one line naming the file."""
 
 
+# What a checkpoint's archive may inflate to, read from its zip directory before torch.load
+# allocates a byte of it: twice the largest model params.yaml allows (wide_resnet50_2 with
+# 100,000 classes holds 1.01 GiB of float32 weights), so a small file declaring gigabytes of
+# tensor storage, or a compression bomb, is refused instead of loaded.
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
+
+
+def _check_archive(path: str) -> None:
+    """Refuse a file that is not a zip archive (torch.save's format since torch 1.6; the
+    legacy format allocates whatever sizes its pickle declares) or whose entries declare
+    more than MAX_CHECKPOINT_BYTES."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as err:
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint archive (torch.save writes a zip: {err})"
+        ) from None
+    if declared > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"{path}: its entries inflate to {declared} bytes; a checkpoint may hold at most "
+            f"{MAX_CHECKPOINT_BYTES} (twice the largest model params.yaml allows)"
+        )
+
+
 def load_weights_only(path: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``: tensors, numbers and strings, never code; a file
-    holding anything else (a pickled model, a payload) is refused in one line."""
+    holding anything else (a pickled model, a payload), or whose archive declares more
+    than MAX_CHECKPOINT_BYTES, is refused in one line."""
+    _check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

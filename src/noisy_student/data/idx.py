@@ -6,10 +6,12 @@ memory-mapped instead of read, and written a block at a time instead of held who
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 
@@ -19,37 +21,77 @@ _TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(">i4"): 0x0C}
 
 
-def _header(path: Path, data: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
-    """Element type, shape and header length of the IDX bytes at the start of ``data``."""
-    if len(data) < 4:
+# Bounds of what an IDX header may declare, checked before any data is read: up to four
+# dimensions (N x C x H x W), and at most MAX_INFLATED_BYTES of data in a gzipped file, which
+# is inflated whole into memory (Fashion-MNIST's largest file holds 47 MB), so a small ``.gz``
+# that inflates to gigabytes, or a header that claims them, is refused instead of read.
+MAX_DIMS = 4
+MAX_INFLATED_BYTES = 2 * 1024**3
+READ_CHUNK = 1 << 20  # bytes inflated per read
+
+
+def _header(path: Path, fh: BinaryIO) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Element type, shape and data size in bytes of the IDX header at the start of
+    ``fh``, which is left at the first data byte."""
+    head = fh.read(4)
+    if len(head) < 4:
         raise ValueError(f"{path}: too short for an IDX header")
-    zero, code, ndim = struct.unpack(">HBB", data[:4])
+    zero, code, ndim = struct.unpack(">HBB", head)
     if zero != 0 or code not in _TYPES:
         raise ValueError(f"{path}: not an unsigned-byte or int32 IDX file")
-    size = 4 + 4 * ndim
-    if len(data) < size:
+    if not 1 <= ndim <= MAX_DIMS:
+        raise ValueError(f"{path}: IDX header declares {ndim} dimensions; allowed: 1..{MAX_DIMS}")
+    dims = fh.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(f"{path}: IDX header cut short")
-    return _TYPES[code], struct.unpack(f">{ndim}I", data[4:size]), size
+    shape = struct.unpack(f">{ndim}I", dims)
+    return _TYPES[code], shape, math.prod(shape) * _TYPES[code].itemsize
+
+
+def _check_size(path: Path, actual: int, expected: int) -> None:
+    if actual != expected:
+        raise ValueError(f"{path}: expected {expected} bytes of data, got {actual}")
+
+
+def _read_gzip(path: Path) -> np.ndarray:
+    """The array of a gzipped IDX file, inflated a chunk at a time up to the size its header
+    declares (at most MAX_INFLATED_BYTES): a stream holding more or less is refused."""
+    with gzip.open(path, "rb") as fh:
+        dtype, shape, expected = _header(path, fh)
+        if expected > MAX_INFLATED_BYTES:
+            raise ValueError(
+                f"{path}: IDX header declares a {'x'.join(map(str, shape))} array "
+                f"({expected} bytes), more than the {MAX_INFLATED_BYTES} a gzipped IDX file "
+                "may hold: a corrupt or hostile file; download or install it again"
+            )
+        data = bytearray()
+        while len(data) < expected and (chunk := fh.read(min(READ_CHUNK, expected - len(data)))):
+            data += chunk
+        _check_size(path, len(data), expected)
+        if fh.read(1):
+            raise ValueError(
+                f"{path}: inflates to more than the {expected} bytes of data its header declares"
+            )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """The whole array of an IDX file, gzipped (``.gz``) or not."""
+    """The whole array of an IDX file, gzipped (``.gz``) or not; the size its header
+    declares is checked before the data is read."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    if path.suffix != ".gz":
+        with open(path, "rb") as fh:
+            dtype, shape, expected = _header(path, fh)
+            _check_size(path, path.stat().st_size - fh.tell(), expected)
+            return np.frombuffer(fh.read(expected), dtype=dtype).reshape(shape)
     try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
+        return _read_gzip(path)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         # EOFError: cut short; BadGzipFile: not gzip; zlib.error: corrupt compressed data.
         what = "truncated" if isinstance(err, EOFError) else "corrupt"
         raise ValueError(
             f"{path}: {what} gzip file ({err}); download or install it again"
         ) from None
-    dtype, shape, offset = _header(path, data)
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - offset != expected:
-        raise ValueError(f"{path}: expected {expected} bytes of data, got {len(data) - offset}")
-    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
 def map_idx(path: str | Path) -> np.memmap:
@@ -57,12 +99,9 @@ def map_idx(path: str | Path) -> np.memmap:
     writes to the array (torch wants a writable one) never reach the file."""
     path = Path(path)
     with open(path, "rb") as fh:
-        head = fh.read(4 + 4 * 255)
-    dtype, shape, offset = _header(path, head)
-    expected = int(np.prod(shape)) * dtype.itemsize
-    actual = path.stat().st_size - offset
-    if actual != expected:
-        raise ValueError(f"{path}: expected {expected} bytes of data, got {actual}")
+        dtype, shape, expected = _header(path, fh)
+        offset = fh.tell()
+    _check_size(path, path.stat().st_size - offset, expected)
     return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
 
 

@@ -5,10 +5,11 @@
     <directory>/val/<class>/**   (optional)                 -> "val"
     <directory>/test/<class>/**  (optional)                 -> "test"
 
-Each image is decoded with PIL, turned upright by its EXIF orientation, converted to "L"
-(one channel) or "RGB" and resized to ``image_size`` square so all of them stack. A file
-that cannot be decoded is skipped and reported with its reason instead of stopping a long
-fetch; a class left with no image or an empty unlabeled pool stops it, before training."""
+Each image is decoded with PIL, turned upright by its EXIF orientation, 16-bit grey scaled
+to 8 bits, transparent pixels composited on white, converted to "L" (one channel) or "RGB"
+and resized to ``image_size`` square so all of them stack. A file that cannot be decoded is
+skipped and reported with its reason instead of stopping a long fetch; a class left with no
+image or an empty unlabeled pool stops it, before training."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from noisy_student.progress import bar
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CHANNELS = ("RGB", "L")
 DECODE_CHUNK = 512  # images decoded (in parallel) per batch written
+BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as image viewers show them
 # What PIL raises for a file it cannot decode: unknown format, truncated or corrupt data,
 # a bad chunk (SyntaxError), or a "decompression bomb".
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -62,6 +64,9 @@ def _visible_files(
         here = Path(top)
         if here.resolve() in walked:
             dirs[:] = []
+            if here.is_symlink():
+                target = os.readlink(here)
+                refused.append((here, f"symlink to {target}, a folder already read: skipped"))
             continue
         walked.add(here.resolve())
         kept = []
@@ -89,12 +94,29 @@ def _visible_files(
     return files, refused
 
 
-def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
-    """The image as uint8 ``C x size x size``, or why it cannot be read."""
+def _flatten(image: Image.Image) -> Image.Image:
+    """``image`` as a viewer shows it, ready for ``convert("L"|"RGB")``: 16-bit grey (PIL
+    modes ``I;16*`` and ``I``, what a 16-bit PNG opens as) scaled to 8 bits by 1/257, where
+    ``convert`` would clip every value above 255 to white; and transparent pixels (RGBA,
+    LA, PA, a palette or grey image with a transparent colour) composited on BACKGROUND,
+    where dropping the alpha would turn a shape drawn in it uniformly black."""
+    if image.mode.startswith("I"):
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        layer = image.convert("RGBA")
+        background = Image.new("RGBA", layer.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, layer).convert("RGB")
+    return image
+
+
+def decode_image(path: Path, mode: str, size: int) -> np.ndarray | str:
+    """The image as uint8 ``C x size x size``, or why it cannot be read: the one decoding
+    of the imagefolder source and of ``predict``, so a model sees the same pixels in both."""
     try:
         with Image.open(path) as image:
             image.draft(mode, (size, size))  # JPEG: let the decoder downscale large photos
-            upright = ImageOps.exif_transpose(image)
+            upright = _flatten(ImageOps.exif_transpose(image))
             pixels = upright.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
     except DECODE_ERRORS as err:
         # PIL's messages may carry the absolute path; keep the report machine-independent.
@@ -126,7 +148,9 @@ class _Reader:
         with bar(f"decoding {partition}", total=len(readable), unit="file") as progress:
             for start in range(0, len(readable), DECODE_CHUNK):
                 chunk = readable[start : start + DECODE_CHUNK]
-                decoded = self.pool.map(lambda item: _decode(item[0], self.mode, self.size), chunk)
+                decoded = self.pool.map(
+                    lambda item: decode_image(item[0], self.mode, self.size), chunk
+                )
                 kept, labels, bad = [], [], []
                 for (path, label), result in zip(chunk, decoded, strict=True):
                     if isinstance(result, str):
@@ -161,6 +185,24 @@ def _classified(
     return files, stray
 
 
+def _refuse_linked_classes(labeled: Path, classes: list[str]) -> None:
+    """A class folder that is a symlink to another class folder (or into or around one)
+    would give that class's images a second label, or, walked once, leave it empty: refuse
+    it, naming both."""
+    resolved = {name: (labeled / name).resolve() for name in classes}
+    for name in classes:
+        if not (labeled / name).is_symlink():
+            continue
+        for other in classes:
+            here, there = resolved[name], resolved[other]
+            if other != name and (here.is_relative_to(there) or there.is_relative_to(here)):
+                raise ValueError(
+                    f"imagefolder: class folder {labeled / name} is a symlink to "
+                    f"{os.readlink(labeled / name)}, the folder of class {other!r}: an image "
+                    "has one class; copy the images or remove the link"
+                )
+
+
 def imagefolder(
     directory: str | Path | None = None,
     image_size: int = 32,
@@ -191,6 +233,7 @@ def imagefolder(
     )
     if not classes:
         raise ValueError(f"imagefolder: {root / 'labeled'} has no class folder")
+    _refuse_linked_classes(root / "labeled", classes)
     for split in ("val", "test"):
         if (root / split).is_dir():
             extra = {

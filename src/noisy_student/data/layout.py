@@ -198,6 +198,19 @@ def write_layout(folder: str | Path, classes: list[str], batches: Iterable[Batch
     return folder
 
 
+def _class_names(path: Path) -> list[str]:
+    """The class names in ``path``, a JSON list of strings; anything else is refused in
+    one line naming the file (a mapping would pass for a list of its keys)."""
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({err}); it must be a list of class names") from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        found = type(names).__name__ if not isinstance(names, list) else "a list of non-strings"
+        raise ValueError(f"{path}: must be a JSON list of class names, found {found}")
+    return names
+
+
 def read_layout(folder: str | Path) -> ImageSet:
     """The dataset in ``folder`` with its images memory-mapped: nothing is decoded, and only
     the images that are used are read from disk."""
@@ -208,7 +221,14 @@ def read_layout(folder: str | Path) -> ImageSet:
     labels = read_idx(folder / LABELS).astype(np.int64)
     partition = hidden = None
     if (folder / PARTITION).exists():
-        partition = np.asarray(PARTITIONS)[read_idx(folder / PARTITION)]
+        codes = read_idx(folder / PARTITION)
+        if codes.max(initial=0) >= len(PARTITIONS):
+            allowed = ", ".join(f"{code} ({name})" for code, name in enumerate(PARTITIONS))
+            raise ValueError(
+                f"{folder / PARTITION}: unknown partition code {int(codes.max())}; "
+                f"allowed: {allowed}"
+            )
+        partition = np.asarray(PARTITIONS)[codes]
     if (folder / HIDDEN_LABELS).exists():
         hidden = read_idx(folder / HIDDEN_LABELS).astype(np.int64)
     skipped = []
@@ -216,5 +236,5 @@ def read_layout(folder: str | Path) -> ImageSet:
         skipped = [
             (path, reason) for path, reason in json.loads((folder / SKIPPED).read_text("utf-8"))
         ]
-    classes = json.loads((folder / CLASSES).read_text(encoding="utf-8"))
+    classes = _class_names(folder / CLASSES)
     return ImageSet(images, labels, classes, partition, hidden, skipped)

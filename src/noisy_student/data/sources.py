@@ -9,6 +9,8 @@ as torchvision decodes them."""
 from __future__ import annotations
 
 import inspect
+import io
+import math
 import os
 import pickle
 import socket
@@ -178,11 +180,26 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# A published CIFAR batch is a 31 MB pickle; the file is read whole and unpickled from
+# memory, so one larger than this (or a pickle declaring more bytes than the file holds)
+# cannot make the reader allocate gigabytes.
+MAX_CIFAR_BATCH_BYTES = 512 * 1024**2
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     """A CIFAR pickle with str keys, whether written by Python 2 (the published files)
-    or with bytes keys."""
-    with open(path, "rb") as fh:
-        entry = _ArrayUnpickler(fh, encoding="bytes").load()
+    or with bytes keys; a file that is not one is refused in one line naming it."""
+    size = path.stat().st_size
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise ValueError(
+            f"{path}: {size} bytes; a CIFAR batch may hold at most {MAX_CIFAR_BATCH_BYTES}"
+        )
+    try:
+        entry = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{path}: not a CIFAR batch ({err})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (a {type(entry).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
@@ -210,15 +227,33 @@ def _cifar10(directory: str | Path | None = None) -> Stream:
     return classes, batches()
 
 
+# SVHN's extra_32x32.mat holds 531,131 images (1.6 GB), loaded whole: a file declaring more
+# images than this, or other than uint8 pixels, is refused from its header before loading.
+MAX_SVHN_IMAGES = 1_000_000
+
+
 def _svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A torchvision SVHN ``.mat``: images ``32 x 32 x 3 x N`` and labels 1..10, 10 being
-    the digit 0 (torchvision maps it to 0, and so do we)."""
-    from scipy.io import loadmat
+    the digit 0 (torchvision maps it to 0, and so do we). The shapes the file declares are
+    checked first (``whosmat`` reads headers only)."""
+    from scipy.io import loadmat, whosmat
 
+    declared = {name: (shape, kind) for name, shape, kind in whosmat(path)}
+    x_shape, x_kind = declared.get("X", ((), "missing"))
+    y_shape, _ = declared.get("y", ((), "missing"))
+    if (
+        len(x_shape) != 4
+        or x_shape[:3] != (32, 32, 3)
+        or x_kind != "uint8"
+        or not 1 <= x_shape[3] <= MAX_SVHN_IMAGES
+        or math.prod(y_shape) != x_shape[3]
+    ):
+        raise ValueError(
+            f"{path}: declares X {x_shape} ({x_kind}) and y {y_shape}; an SVHN file holds "
+            f"uint8 X of 32 x 32 x 3 x N and N labels y, N at most {MAX_SVHN_IMAGES}"
+        )
     mat = loadmat(path, variable_names=["X", "y"])
     images, labels = mat["X"], mat["y"].astype(np.int64).reshape(-1)
-    if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
-        raise ValueError(f"{path}: X {images.shape} and {len(labels)} labels")
     labels[labels == 10] = 0
     return images, labels
 
@@ -288,10 +323,13 @@ def _stl10(directory: str | Path | None = None, unlabeled: bool = True) -> Strea
             if partition == "unlabeled":
                 labels = np.full(count, -1, dtype=np.int64)
             else:
-                labels = np.fromfile(folder / f"{partition}_y.bin", dtype=np.uint8).astype(np.int64)
+                label_file = folder / f"{partition}_y.bin"
+                if label_file.stat().st_size != count:  # checked before it is read
+                    raise ValueError(
+                        f"{folder}: {count} {partition} images, {label_file.stat().st_size} labels"
+                    )
+                labels = np.fromfile(label_file, dtype=np.uint8).astype(np.int64)
                 labels -= 1  # stored 1..10
-                if len(labels) != count:
-                    raise ValueError(f"{folder}: {count} {partition} images, {len(labels)} labels")
             start = 0
             for chunk in _stl_chunks(path):
                 yield Batch(partition, chunk, labels[start : start + len(chunk)])
