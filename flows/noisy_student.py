@@ -8,14 +8,15 @@ from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow
-from prefect.filesystems import RemoteFileSystem
 from prefect.futures import wait
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from noisy_student import launch, storage
 from noisy_student.config import Config, load_config
 from noisy_student.preflight import preflight
 from noisy_student.shards import Shard
 from tasks import shards, steps
+from tasks.results import CheckedResults
 
 
 @flow(name="noisy-student", log_prints=True)
@@ -48,7 +49,6 @@ def noisy_student(
         shards.connect_ray(ray_address)
     config = cfg.model_dump(mode="json")
     run_dir = storage.join(runs_root, cfg.fingerprint())
-    # On an object store, task results live beside the runs, not on one worker's disk.
     results = task_results(runs_root)
 
     prepare, train, label = (
@@ -65,18 +65,21 @@ def noisy_student(
                 config, run_dir, iteration, shard_count, task_runner, runs_root, upstream
             )
         models.append(train(config, run_dir, iteration, [splits, pseudo, *models], nproc))
-    return steps.report(config, run_dir)
+    return steps.report.with_options(**results)(config, run_dir)
 
 
 def task_results(runs_root: str) -> dict[str, Any]:
-    """Task results beside the runs on an object store (a block named after the URL, so
-    every machine's tasks find it), not on the disk of the machine that ran the task."""
-    if not storage.is_remote(runs_root):
-        return {}
-    basepath = storage.join(runs_root, ".prefect-results")
-    name = "noisy-student-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:12]
-    RemoteFileSystem(basepath=basepath).save(name, overwrite=True)
-    return {"result_storage": f"remote-file-system/{name}"}
+    """Where the tasks keep their results, read back only as checked records (never
+    unpickled): beside the runs on an object store, not on the disk of the machine that
+    ran the task; Prefect's local storage folder otherwise. A block named after the place,
+    so every machine's tasks find it."""
+    if storage.is_remote(runs_root):
+        basepath = storage.join(runs_root, ".prefect-results")
+    else:
+        basepath = str(PREFECT_LOCAL_STORAGE_PATH.value().expanduser().resolve())
+    name = "results-" + hashlib.sha256(basepath.encode()).hexdigest()[:12]
+    CheckedResults(basepath=basepath).save(name, overwrite=True)
+    return {"result_storage": f"{CheckedResults.get_block_type_slug()}/{name}"}
 
 
 @flow(name="pseudo-label-shards", flow_run_name="pseudo-label-{iteration}-{count}-shards")

@@ -2,7 +2,9 @@
 source and the task's), the same data (``data.dvc``), the same config and inputs, into the
 same run directory (absolute path or URL), and only while the files the result names are
 still there, byte for byte. A result that fails the check is never trusted: the step runs
-again and its new result is stored beside the stale one."""
+again and its new result is stored beside the stale one. A result file that is not a
+record at all (a planted pickle, another shape) is refused unread (tasks/results.py): the
+step runs again and its record replaces the file."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from typing import Any
 import fsspec
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
 from prefect.utilities.hashing import hash_objects
 
 from noisy_student import versions
+from tasks.results import CheckedResults, RefusedRecord
 
 
 def location(path: str | Path) -> str:
@@ -70,7 +74,8 @@ class StepCache(CachePolicy):
     """Keys a step by everything that decides its outputs, and refuses a cached result
     whose files are missing or changed: it then hands Prefect the next free key of the same
     inputs (``<key>-1``, ``<key>-2``, ...), so the step runs and its result replaces the
-    stale one for every later run."""
+    stale one for every later run. Results are read only through ``CheckedResults``
+    (never unpickled): a task whose results live elsewhere is not cached."""
 
     def compute_key(
         self,
@@ -79,7 +84,8 @@ class StepCache(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        if not task_ctx:
+        storage = task_ctx.result_store.result_storage if task_ctx else None
+        if not isinstance(storage, CheckedResults):
             return None
         keyed = dict(inputs or {})
         if "run_dir" in keyed:
@@ -94,10 +100,16 @@ class StepCache(CachePolicy):
             },
             raise_on_failure=True,
         )
-        store = task_ctx.result_store
         generation = 0
         while True:
             key = f"{base}-{generation}"
-            if not store.exists(key) or record_holds(store.read(key).result):
+            try:
+                _, record = storage.read_checked(key)
+            except RefusedRecord as refusal:
+                get_run_logger().warning("%s; the step runs again", refusal)
+                return key
+            except OSError:  # no result under this key yet
+                return key
+            if record_holds(record):
                 return key
             generation += 1

@@ -2,7 +2,8 @@
 returns a record of the files it wrote (folder and digests). A task is cached on what
 decides its outputs (code, data, config, run directory, the records of the steps before
 it), and a cached record is trusted only while its files are unchanged (tasks/cache.py),
-so re-running a flow skips exactly the steps whose outputs are still good."""
+so re-running a flow skips exactly the steps whose outputs are still good. Results are
+written as checked JSON, never pickled (tasks/results.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from noisy_student import launch, pipeline, records
@@ -19,9 +21,16 @@ from noisy_student.report import markdown_table
 from noisy_student.runs import RunLayout
 from noisy_student.storage import run_step, staged, step_needs
 from tasks.cache import StepCache, output_record
+from tasks.results import RecordSerializer
 
 Records = list[dict[str, Any]]  # what output_record returns, one per step
-CACHED = dict(cache_policy=StepCache(), persist_result=True, retries=1, retry_delay_seconds=5)
+CACHED = dict(
+    cache_policy=StepCache(),
+    persist_result=True,
+    result_serializer=RecordSerializer(),
+    retries=1,
+    retry_delay_seconds=5,
+)
 
 
 def _tags() -> dict[str, str]:
@@ -73,10 +82,18 @@ def pseudo_label(
     )
 
 
-@task(name="report", task_run_name="report", retries=2, retry_delay_seconds=5)
+@task(
+    name="report",
+    task_run_name="report",
+    cache_policy=NO_CACHE,
+    result_serializer=RecordSerializer(),
+    retries=2,
+    retry_delay_seconds=5,
+)
 def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Summarize, close the run's MLflow records and publish the iteration table in
-    Prefect."""
+    Prefect. Never cached (it closes the records of this run); its result is plain data,
+    missing values as None, so it is written as JSON."""
     cfg = Config.model_validate(config)
     with staged(run_dir, step_needs("report")) as layout:
         table = pipeline.summarize(cfg, layout)
@@ -87,4 +104,5 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         key="noisy-student-iterations",
         description="val/test accuracy by iteration",
     )
-    return {"mlflow_run_id": run_id, "run_dir": run_dir, "iterations": table.to_dict("records")}
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    return {"mlflow_run_id": run_id, "run_dir": run_dir, "iterations": rows}

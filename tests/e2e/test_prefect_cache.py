@@ -1,10 +1,12 @@
 """The Prefect flow's cache decides re-runs correctly: the real flow on Prefect's test
 harness (a temporary Prefect server), in two checkouts of tiny digits data. A finished run
-is reused; a change to the library, another checkout, or a deleted output makes the steps
-concerned run again instead of trusting results that no longer hold."""
+is reused; a change to the library, another checkout, a deleted output or a result file
+swapped for a pickle makes the steps concerned run again instead of trusting results that
+no longer hold (and the pickle is never unpickled)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from noisy_student import versions
 from noisy_student.config import load_config
 from noisy_student.data import fetch
 from tests.e2e.conftest import REPO
+from tests.test_results import pickle_result
 
 pytestmark = pytest.mark.e2e
 
@@ -76,8 +79,18 @@ def run_flow(
     return {run.name: run.state.name for run in runs}
 
 
+def result_of(results: Path, folder: Path) -> Path:
+    """The result file of the step whose record names ``folder``."""
+    [found] = [
+        path
+        for path in results.iterdir()
+        if json.loads(json.loads(path.read_text())["result"]).get("path") == str(folder)
+    ]
+    return found
+
+
 def test_cache_reuses_only_results_that_still_hold(
-    harness: Path, monkeypatch: pytest.MonkeyPatch
+    harness: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = checkout(harness / "first")
     states = run_flow(first, monkeypatch)
@@ -89,9 +102,19 @@ def test_cache_reuses_only_results_that_still_hold(
     model.unlink()
     [labels] = (first / "runs").glob("*/pseudo/iter_1/pseudo_labels.parquet")
     labels.write_bytes(b"not a manifest")
+    # prepare's result file swapped for a pickle whose metadata names the pickle
+    # serializer: refused unread, prepare runs again (the same splits: the rest holds).
+    [splits] = (first / "runs").glob("*/splits")
+    planted = result_of(harness / "results", splits)
+    marker = harness / "pickle-ran"
+    planted.write_bytes(pickle_result(marker))
+    caplog.clear()
     states = run_flow(first, monkeypatch)
+    assert not marker.exists()
+    assert f"task result {planted} refused: serializer 'pickle'" in caplog.text
+    assert json.loads(planted.read_text())["metadata"]["serializer"]["type"] != "pickle"
     assert states == {
-        "prepare": "Cached",
+        "prepare": "Completed",
         "train-0": "Cached",
         "pseudo-label-1": "Completed",
         "train-1": "Completed",
