@@ -7,7 +7,7 @@ import pytest
 
 from noisy_student.config import Config, load_config
 from noisy_student.data import fetch
-from noisy_student.engine import CPU_BF16_ENV
+from noisy_student.engine import CPU_BF16_ENV, cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,16 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--cpu-bf16",
-        choices=("native", "on", "off"),
+        choices=("native", "other", "on", "off"),
         default="native",
         help="what `precision: auto` computes in on CPU, in the tests and every process they "
-        "start: this CPU's own path (native), bf16 as on AMD EPYC (on; emulated where the "
-        "CPU lacks bf16 instructions) or fp32 as on an Intel Xeon (off)",
+        "start: this CPU's own path (native), the other kind of CPU's (other), bf16 as on an "
+        "AMD EPYC (on; emulated where the CPU lacks bf16 instructions) or fp32 as on an "
+        "Intel Xeon (off)",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     choice = config.getoption("--cpu-bf16")
+    if choice == "other":
+        choice = "off" if cpu_has_native_bf16() else "on"
     if choice != "native":
         os.environ[CPU_BF16_ENV] = "1" if choice == "on" else "0"
 
