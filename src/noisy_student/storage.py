@@ -10,10 +10,12 @@ Credentials and endpoints come from the environment, as for any S3 client
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import fsspec
 
@@ -27,8 +29,54 @@ class StorageError(ValueError):
     """An object store that cannot be used: no credentials, no bucket, no access."""
 
 
+REMOTE_SCHEMES = ("s3",)  # the object stores the project installs a client for (s3fs)
+ACCEPTED = (
+    "a local path (./NAME for a folder whose name holds a colon), file:///absolute/path "
+    "or s3://bucket/prefix"
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def run_location(text: str | Path, what: str = "runs_root") -> str:
+    """``text`` as the one form every step reads: a local path as given (``file:///p`` as
+    ``/p``) or ``s3://bucket/prefix`` without a trailing slash. Anything else that starts
+    like a URL (``s3:/x``, ``s3:x``, ``foo://x``, ``http://h``) is refused in one line:
+    taken as a local path, it would write into a folder named ``s3:``."""
+    text = str(text)
+    if not text.strip():
+        raise StorageError(f"{what}: empty; accepted: {ACCEPTED}")
+    scheme = _SCHEME.match(text)
+    if scheme is None:
+        return text
+    name, rest = scheme.group()[:-1].lower(), text[scheme.end() :]
+    if name == "file":
+        for host in ("//", "//localhost"):
+            if rest.startswith(f"{host}/"):
+                return unquote(rest[len(host) :])
+        raise StorageError(
+            f"{what} {text!r}: a file URL names an absolute path on this machine; "
+            f"accepted: {ACCEPTED}"
+        )
+    if name not in REMOTE_SCHEMES:
+        raise StorageError(f"{what} {text!r}: unknown scheme {name!r}; accepted: {ACCEPTED}")
+    bucket, _, prefix = rest.removeprefix("//").partition("/")
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if not rest.startswith("//") or not _BUCKET.fullmatch(bucket):
+        raise StorageError(
+            f"{what} {text!r}: expected {name}://BUCKET/PREFIX with a bucket name of 3-63 "
+            f"lower-case letters, digits, dots and hyphens; accepted: {ACCEPTED}"
+        )
+    if any(part in ("", ".", "..") for part in parts):
+        raise StorageError(
+            f"{what} {text!r}: an empty, '.' or '..' part in the prefix; accepted: {ACCEPTED}"
+        )
+    return "/".join([f"{name}://{bucket}", *parts])
+
+
 def is_remote(url: str | Path) -> bool:
-    return "://" in str(url) and not str(url).startswith("file://")
+    """On an object store (``url`` as :func:`run_location` returns it)."""
+    return str(url).startswith(tuple(f"{scheme}://" for scheme in REMOTE_SCHEMES))
 
 
 def join(root: str, *parts: str) -> str:
@@ -44,11 +92,13 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def check_root(url: str, what: str = "runs_root") -> None:
-    """Fail in one line, before any work, when ``url`` is on a store this process cannot
-    reach: missing credentials, a missing bucket, access denied."""
+def check_root(url: str | Path, what: str = "runs_root") -> str:
+    """``url`` as :func:`run_location` returns it; fail in one line, before any work, when
+    it is malformed or on a store this process cannot reach: missing credentials, a
+    missing bucket, access denied."""
+    url = run_location(url, what)
     if not is_remote(url):
-        return
+        return url
     try:
         fs, path = _fs(url)
         bucket = path.split("/", 1)[0]
@@ -69,6 +119,7 @@ def check_root(url: str, what: str = "runs_root") -> None:
                 "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
             ) from None
         raise StorageError(f"{what} {url}: {name}: {_first_line(err)}") from None
+    return url
 
 
 def _first_line(err: BaseException) -> str:
