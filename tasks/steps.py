@@ -78,7 +78,7 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Summarize, close the run's MLflow records and publish the iteration table in
     Prefect."""
     cfg = Config.model_validate(config)
-    with staged(run_dir, step_needs("report")) as layout:
+    with staged(run_dir, step_needs("report"), "report") as layout:
         table = pipeline.summarize(cfg, layout)
         run_id = records.record_run(cfg, layout, "prefect", _tags())
     create_markdown_artifact(

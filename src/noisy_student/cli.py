@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_shard(args.shard)
         storage.check_root(args.run_dir, "--run-dir")
         with storage.staged(
-            args.run_dir, storage.step_needs(step, getattr(args, "iteration", None))
+            args.run_dir, storage.step_needs(step, getattr(args, "iteration", None)), step
         ) as staged:
             local = {"run_dir": str(staged.root), "run_origin": staged.origin}
             code = _main(argparse.Namespace(**{**vars(args), **local}))

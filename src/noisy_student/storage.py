@@ -142,48 +142,104 @@ def _snapshot(local: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def download(url: str, local: Path, needs: Iterable[str]) -> None:
+def _failure(err: BaseException) -> str:
+    """A store client's error in one line: botocore and s3fs raise their own types."""
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def download(url: str, local: Path, needs: Iterable[str], step: str) -> None:
     """Copy the files under each prefix of ``needs`` (relative to the run ``url``); a
-    shard's parts only when the prefix names the shards' folder."""
+    shard's parts only when the prefix names the shards' folder. A store that fails is
+    one line naming the run directory, the step and the file."""
     fs, root = _fs(url)
     for prefix in needs:
-        for remote in fs.find(f"{root}/{prefix}".rstrip("/")):
+        try:
+            found = fs.find(f"{root}/{prefix}".rstrip("/"))
+        except Exception as err:  # botocore and s3fs raise their own types
+            raise StorageError(
+                f"run directory {url}: {step}: listing {prefix} failed ({_failure(err)})"
+            ) from None
+        for remote in found:
             rel = remote[len(root) + 1 :]
             if f"/{SHARDS}/" in f"/{rel}" and f"{SHARDS}/" not in prefix:
                 continue
             target = local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(target))
+            try:
+                fs.get_file(remote, str(target))
+            except Exception as err:  # botocore and s3fs raise their own types
+                raise StorageError(
+                    f"run directory {url}: {step}: reading {join(url, rel)} failed "
+                    f"({_failure(err)})"
+                ) from None
 
 
-def publish(url: str, local: Path, before: dict[str, tuple[int, int]]) -> list[str]:
+def _is_record(rel: str) -> bool:
+    return rel.endswith(".json")
+
+
+def publish(url: str, local: Path, before: dict[str, tuple[int, int]], step: str) -> list[str]:
     """Upload the files of ``local`` that are new or changed since ``before``: data files
-    first, the JSON records that vouch for them last."""
+    first, the JSON records that vouch for them last. An object appears whole or not at
+    all (a PUT, or a multipart upload, is visible only once complete), so a failure half
+    way leaves files without the record that vouches for them: the old versions of the
+    records being replaced are deleted first, so no reader pairs an old record with a new
+    ``model.pt``. A failure is one line naming the run directory, the step and the file."""
     fs, root = _fs(url)
     changed = [rel for rel, stat in _snapshot(local).items() if before.get(rel) != stat]
-    changed.sort(key=lambda rel: (rel.endswith(".json"), rel))
-    for rel in changed:
-        fs.put_file(str(local / rel), f"{root}/{rel}")
+    changed.sort(key=lambda rel: (_is_record(rel), rel))
+    records = [rel for rel in changed if _is_record(rel)]
+    action, rel = "withdrawing the old record", ""
+    try:
+        for rel in records:
+            fs.rm_file(f"{root}/{rel}")  # deleting a missing key succeeds
+        action = "publishing"
+        for rel in changed:
+            fs.put_file(str(local / rel), f"{root}/{rel}")
+    except Exception as err:  # botocore and s3fs raise their own types
+        raise StorageError(
+            f"run directory {url}: {step}: {action} {join(url, rel)} failed ({_failure(err)}); "
+            "the step's records were not all published, so no step trusts its files: run it "
+            "again"
+        ) from None
     return changed
 
 
 @contextmanager
-def staged(url: str | Path, needs: Iterable[str]) -> Iterator[RunLayout]:
-    """The run directory ``url`` as a local one for one step: itself when local; for a
+def staged(url: str | Path, needs: Iterable[str], step: str) -> Iterator[RunLayout]:
+    """The run directory ``url`` as a local one for ``step``: itself when local; for a
     URL, a temporary copy of the files under ``needs`` (its layout's ``origin`` is the
     URL), whose new files are published to ``url`` when the step returns (and dropped
-    when it raises)."""
+    when it raises). A file the step cannot read in the copy is named by its URL: the
+    temporary copy is gone by the time anyone reads the message."""
     if not is_remote(url):
         yield RunLayout(Path(url))
         return
     url = str(url)
     with tempfile.TemporaryDirectory(prefix="noisy-student-run-") as tmp:
         local = Path(tmp)
-        download(url, local, needs)
+        download(url, local, needs, step)
         before = _snapshot(local)
-        yield RunLayout(local, origin=url)
-        published = publish(url, local, before)
+        try:
+            yield RunLayout(local, origin=url)
+        except OSError as err:
+            if tmp not in str(err):
+                raise
+            raise StorageError(_in_origin(err, tmp, url, step)) from None
+        published = publish(url, local, before, step)
         log.info("published %d files to %s", len(published), url)
+
+
+def _in_origin(err: OSError, tmp: str, url: str, step: str) -> str:
+    """The step's error about its temporary copy, as one line about the run directory."""
+    named = re.search(re.escape(tmp) + r"/([^'\"\s]+)", str(err.filename or err))
+    if isinstance(err, FileNotFoundError) and named:
+        missing = named.group(1)
+        return (
+            f"run directory {url}: {step}: {join(url, missing)} is missing (never written, "
+            "or deleted from the store: run the steps before this one)"
+        )
+    return f"run directory {url}: {step}: {_first_line(err).replace(tmp, url)}"
 
 
 def step_needs(step: str, iteration: int | None = None) -> list[str]:
@@ -204,7 +260,7 @@ def run_step(
 ) -> str:
     """Run ``fn`` on the run directory ``run_dir`` staged for ``step``; return the path
     of its output in ``run_dir``, for any machine to read."""
-    with staged(run_dir, step_needs(step, iteration)) as layout:
+    with staged(run_dir, step_needs(step, iteration), step) as layout:
         out = fn(layout)
     return join(run_dir, *Path(out).relative_to(layout.root).parts)
 
