@@ -8,14 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
-from noisy_student import pipeline, progress, storage
+from noisy_student import pipeline, progress, runs, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.distributed import launched_by_torchrun
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 from noisy_student.shards import ShardError, parse_shard
@@ -421,6 +423,28 @@ def _main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        with _run_dir_lock(args, layout):
+            return _command(args, cfg, layout)
+    except runs.RunDirectoryBusy as err:
+        print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_dir_lock(args: argparse.Namespace, layout: RunLayout) -> AbstractContextManager:
+    """The run directory's lock for a command that writes into it (runs.hold): shared by
+    the shards of one labeling and the machines of one training job; none for a staged
+    copy (private to its process) or a rank of a torchrun job (its launcher holds it)."""
+    writes = args.command in ("prepare", "train", "pseudo-label", "report", "run")
+    if not writes or layout.origin is not None or launched_by_torchrun():
+        return nullcontext()
+    shard = args.command == "pseudo-label" and args.shard is not None
+    machines = args.command == "train" and (args.nnodes > 1 or args.rdzv_endpoint is not None)
+    return runs.hold(layout.root, args.command, shared=shard or machines)
+
+
+def _command(args: argparse.Namespace, cfg: Config, layout: RunLayout) -> int:
+    """The command ``args`` names, on the checked ``cfg`` and ``layout``."""
     if args.command == "data":
         source = args.source or cfg.data.source
         options = {

@@ -39,6 +39,12 @@ class Group:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    """This process is a rank of a torchrun job: torchrun sets ``TORCHELASTIC_RUN_ID`` in
+    every process it starts, beside ``RANK`` and ``WORLD_SIZE``."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def launched_world_size() -> int:
     """The world size the launcher asked for (1 when nothing launched us)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
