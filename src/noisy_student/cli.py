@@ -17,7 +17,7 @@ import pandas as pd
 from noisy_student import pipeline, progress, runs, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
-from noisy_student.distributed import launched_by_torchrun
+from noisy_student.distributed import drop_stray_launch_variables, launched_by_torchrun
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
 from noisy_student.shards import ShardError, parse_shard
@@ -367,11 +367,17 @@ def _staged_step(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stray = drop_stray_launch_variables()
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if stray:
+        logging.getLogger(__name__).warning(
+            "ignoring %s: not set by torchrun, this command runs as one process",
+            ", ".join(stray),
+        )
     progress.configure(quiet=args.quiet)
     step = _staged_step(args)
     try:
