@@ -3,6 +3,7 @@ wrote is published only when it succeeds, and a store that cannot be used is one
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,27 @@ def test_a_bucket_emptied_between_steps_names_the_missing_file_by_its_url(
         "missing (never written, or deleted from the store: run the steps before this one)"
     ]
     assert not fs.exists(f"{bucket}/models")
+
+
+def test_a_republished_model_never_pairs_with_the_old_record(
+    store_that_stops, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's own request log: the old record is deleted before the new model.pt is
+    uploaded, so a publish that fails in between leaves a model without a record."""
+    url = "s3://down/runs/abc"
+    fs = fsspec.filesystem("s3")
+    fs.pipe("down/runs/abc/models/iter_0/model.pt", b"old weights")
+    fs.pipe("down/runs/abc/models/iter_0/metrics.json", b'{"old": true}')
+    caplog.set_level("INFO", logger="werkzeug")
+    with storage.staged(url, ["models/"], "train") as layout:
+        (layout.model_dir(0) / "model.pt").write_bytes(b"new weights")
+        (layout.model_dir(0) / "metrics.json").write_text('{"new": true}')
+    request = re.compile(r"(PUT|DELETE) (\S+) HTTP")  # werkzeug colours some lines
+    requests = [found.groups() for line in caplog.messages if (found := request.search(line))]
+    prefix = "/down/runs/abc/models/iter_0"
+    assert requests[-3:] == [
+        ("DELETE", f"{prefix}/metrics.json"),
+        ("PUT", f"{prefix}/model.pt"),
+        ("PUT", f"{prefix}/metrics.json"),
+    ]
+    assert fs.cat("down/runs/abc/models/iter_0/metrics.json") == b'{"new": true}'
