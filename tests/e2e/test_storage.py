@@ -118,6 +118,11 @@ def test_a_store_that_goes_down_mid_step_is_one_line_naming_the_run_and_file(
         f"{url}/models/iter_0/metrics.json failed (EndpointConnectionError: "
     ), message
     assert "noisy-student-run-" not in message and "\n" not in message
+    with pytest.raises(storage.StorageError) as err, storage.staged(url, needs, "train"):
+        pass
+    assert str(err.value).startswith(
+        f"run directory {url}: train: listing splits/ failed (EndpointConnectionError: "
+    )
 
 
 def test_a_bucket_emptied_between_steps_names_the_missing_file_by_its_url(
