@@ -380,12 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     progress.configure(quiet=args.quiet)
     step = _staged_step(args)
-    try:
-        if step is not None:
+    if step is not None:  # a command on a run directory: named strictly, before any work
+        try:
             args.run_dir = storage.run_location(args.run_dir, "--run-dir")
-    except storage.StorageError as err:
-        print(f"noisy-student: {err}", file=sys.stderr)
-        return 2
+        except storage.StorageError as err:
+            print(f"noisy-student: {err}", file=sys.stderr)
+            return 2
     if step is None or not storage.is_remote(args.run_dir):
         return _main(args)
     # A run directory on an object store: this step works on a local copy of what it
