@@ -42,7 +42,7 @@ def noisy_student(
     Shard(0, shard_count)  # a bad count fails here, before any work
     launch.check(cfg, launch.Launch(launch.resolve_nproc(nproc, cfg.device)))
     runner = shards.task_runner(task_runner, ray_address)
-    storage.check_root(runs_root)
+    runs_root = storage.check_root(runs_root)
     storage.check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI"))
     preflight(cfg)  # what this machine or the data cannot give the run, before any task
     if task_runner == "ray":

@@ -95,7 +95,7 @@ def report(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     Prefect. Never cached (it closes the records of this run); its result is plain data,
     missing values as None, so it is written as JSON."""
     cfg = Config.model_validate(config)
-    with staged(run_dir, step_needs("report")) as layout:
+    with staged(run_dir, step_needs("report"), "report") as layout:
         table = pipeline.summarize(cfg, layout)
         run_id = records.record_run(cfg, layout, "prefect", _tags())
     create_markdown_artifact(

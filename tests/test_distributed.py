@@ -4,6 +4,10 @@ plain loop does. Several processes: tests/e2e/test_ddp.py."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +17,16 @@ import torch.distributed as dist
 
 from noisy_student import distributed
 from noisy_student.augment import build_augment
+from noisy_student.config import Config
 from noisy_student.distributed import DistributedError, check_launch, shard
 from noisy_student.engine import TrainData, TrainingDiverged, TrainSettings, train_model
-from noisy_student.launch import Launch, resolve_nproc, torchrun_command, wait_for_endpoint
+from noisy_student.launch import (
+    Launch,
+    check,
+    resolve_nproc,
+    torchrun_command,
+    wait_for_endpoint,
+)
 from noisy_student.models import build_model
 from noisy_student.pseudo_label import one_hot
 
@@ -81,6 +92,50 @@ def test_an_endpoint_that_never_answers_is_an_error_not_a_hang() -> None:
     with pytest.raises(DistributedError, match=r"192\.0\.2\.1:29400 did not answer within 1 s"):
         wait_for_endpoint("192.0.2.1:29400", 1)
     wait_for_endpoint("127.0.0.1:1", 1)  # this machine hosts the store: nothing to wait for
+
+
+def test_more_processes_than_cpu_cores_are_refused_before_any_process_starts(
+    tiny_config: Config,
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(DistributedError) as err:
+        check(tiny_config, Launch(99999))
+    assert str(err.value) == (
+        f"--nproc 99999: more processes than this machine's {cores} CPU core(s) (each "
+        f"process trains on its own share); allowed on CPU: 1 to {cores}"
+    )
+
+
+def test_an_endpoint_that_accepts_and_never_answers_fails_within_the_timeout() -> None:
+    """A listening socket that never accepts (the kernel completes the handshake): torch's
+    store client would wait on it past any rendezvous timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(DistributedError) as err:
+            wait_for_endpoint(endpoint, 2)
+        assert time.monotonic() - start < 2 + 3
+    assert str(err.value) == (
+        f"--rdzv-endpoint: {endpoint} accepts connections but did not answer as a c10d "
+        "store within 2 s; give the address the first machine's c10d store listens on"
+    )
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5))
+    wait_for_endpoint(f"127.0.0.1:{store.port}", 2)  # a c10d store answers at once
+
+
+def test_launcher_variables_not_set_by_torchrun_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "10.0.0.9"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert distributed.launched_world_size() == 1
+    assert distributed.drop_stray_launch_variables() == ["RANK", "WORLD_SIZE", "MASTER_ADDR"]
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} & set(os.environ)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun's own: kept
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.drop_stray_launch_variables() == []
+    assert distributed.launched_world_size() == 2
 
 
 def test_sync_batchnorm_layers_turn_back_into_the_model_they_were_built_as() -> None:

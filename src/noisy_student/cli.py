@@ -8,14 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
-from noisy_student import pipeline, progress, storage
+from noisy_student import pipeline, progress, runs, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.distributed import drop_stray_launch_variables, launched_by_torchrun
 from noisy_student.io import DiskFull
 from noisy_student.preflight import preflight
 from noisy_student.runs import RunLayout
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with stop_on_signals():
-            return _command(args)
+            return _dispatch(args)
     except Stopped as stopped:
         print(f"noisy-student: {args.command}: {stopped}", file=sys.stderr)
         return stopped.exit_status
@@ -391,14 +393,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _command(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
+    stray = drop_stray_launch_variables()
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 alone reports progress
     logging.basicConfig(
         level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if stray:
+        logging.getLogger(__name__).warning(
+            "ignoring %s: not set by torchrun, this command runs as one process",
+            ", ".join(stray),
+        )
     progress.configure(quiet=args.quiet)
     step = _staged_step(args)
+    if step is not None:  # a command on a run directory: named strictly, before any work
+        try:
+            args.run_dir = storage.run_location(args.run_dir, "--run-dir")
+        except storage.StorageError as err:
+            print(f"noisy-student: {err}", file=sys.stderr)
+            return 2
     if step is None or not storage.is_remote(args.run_dir):
         return _main(args)
     # A run directory on an object store: this step works on a local copy of what it
@@ -408,7 +422,7 @@ def _command(args: argparse.Namespace) -> int:
             parse_shard(args.shard)
         storage.check_root(args.run_dir, "--run-dir")
         with storage.staged(
-            args.run_dir, storage.step_needs(step, getattr(args, "iteration", None))
+            args.run_dir, storage.step_needs(step, getattr(args, "iteration", None)), step
         ) as staged:
             local = {"run_dir": str(staged.root), "run_origin": staged.origin}
             code = _main(argparse.Namespace(**{**vars(args), **local}))
@@ -442,6 +456,28 @@ def _main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        with _run_dir_lock(args, layout):
+            return _command(args, cfg, layout)
+    except runs.RunDirectoryBusy as err:
+        print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_dir_lock(args: argparse.Namespace, layout: RunLayout) -> AbstractContextManager:
+    """The run directory's lock for a command that writes into it (runs.hold): shared by
+    the shards of one labeling and the machines of one training job; none for a staged
+    copy (private to its process) or a rank of a torchrun job (its launcher holds it)."""
+    writes = args.command in ("prepare", "train", "pseudo-label", "report", "run")
+    if not writes or layout.origin is not None or launched_by_torchrun():
+        return nullcontext()
+    shard = args.command == "pseudo-label" and args.shard is not None
+    machines = args.command == "train" and (args.nnodes > 1 or args.rdzv_endpoint is not None)
+    return runs.hold(layout.root, args.command, shared=shard or machines)
+
+
+def _command(args: argparse.Namespace, cfg: Config, layout: RunLayout) -> int:
+    """The command ``args`` names, on the checked ``cfg`` and ``layout``."""
     if args.command == "data":
         source = args.source or cfg.data.source
         options = {

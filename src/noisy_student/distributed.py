@@ -39,9 +39,42 @@ class Group:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    """This process is a rank of a torchrun job: torchrun sets ``TORCHELASTIC_RUN_ID`` in
+    every process it starts, beside ``RANK`` and ``WORLD_SIZE``."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+# What torchrun sets in each process it starts; outside a torchrun job they are strays.
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
 def launched_world_size() -> int:
-    """The world size the launcher asked for (1 when nothing launched us)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The world size torchrun asked for (1 when torchrun did not start this process: a
+    ``WORLD_SIZE`` left in a shell would make one process wait for ranks that never come)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+
+
+def drop_stray_launch_variables() -> list[str]:
+    """Remove from this process's environment the launcher variables that torchrun did not
+    set (a shell's or a scheduler's ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``), so a plain
+    command runs as the one process it is and starts its own torchrun jobs cleanly; return
+    their names, for a warning."""
+    if launched_by_torchrun():
+        return []
+    stray = [name for name in LAUNCH_VARIABLES if name in os.environ]
+    for name in stray:
+        del os.environ[name]
+    return stray
 
 
 def check_launch(

@@ -13,12 +13,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from noisy_student.config import Config
@@ -76,6 +79,12 @@ def check(cfg: Config, launch: Launch) -> None:
         check_launch(launch.world_size, cfg.train.batch_size, "cpu", 1, 0)
         return
     device = _device_type(cfg)
+    cores = len(os.sched_getaffinity(0))
+    if device == "cpu" and launch.nproc > cores:
+        raise DistributedError(
+            f"--nproc {launch.nproc}: more processes than this machine's {cores} CPU core(s) "
+            f"(each process trains on its own share); allowed on CPU: 1 to {cores}"
+        )
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     check_launch(
         launch.world_size,
@@ -113,24 +122,60 @@ def _is_this_machine(host: str) -> bool:
 
 
 def wait_for_endpoint(endpoint: str, timeout: float) -> None:
-    """On a machine that joins (does not host) the rendezvous, wait up to ``timeout``
-    seconds for its store to answer: the first machine may start a little later, but an
-    address that never answers is an error now, not a hang in the rendezvous."""
+    """Wait up to ``timeout`` seconds for the rendezvous's c10d store to answer: the first
+    machine may start a little later, but an address that never answers, or that accepts
+    connections and never answers as a store (torch's store client would wait on it
+    forever, whatever the rendezvous timeout), is an error now, not a hang. On the machine
+    that hosts the store (nothing listens at the endpoint yet) there is nothing to wait for."""
     host, port = _split_endpoint(endpoint)
-    if _is_this_machine(host):
-        return
+    here = _is_this_machine(host)
     deadline, reason = time.monotonic() + timeout, "no answer"
-    while time.monotonic() < deadline:
+    while True:
         try:
             with socket.create_connection((host, port), timeout=min(5.0, timeout)):
-                return
+                break
         except OSError as err:
+            if here:
+                return  # this machine's agent will host the store
             reason = err.strerror or type(err).__name__
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"--rdzv-endpoint: {endpoint} did not answer within {timeout:g} s ({reason}); "
+                "start the first machine's job, or give the address its c10d store listens on"
+            )
         time.sleep(0.5)
-    raise DistributedError(
-        f"--rdzv-endpoint: {endpoint} did not answer within {timeout:g} s ({reason}); start "
-        "the first machine's job, or give the address its c10d store listens on"
-    )
+    if not _answers_as_store(host, port, max(1.0, deadline - time.monotonic())):
+        raise DistributedError(
+            f"--rdzv-endpoint: {endpoint} accepts connections but did not answer as a c10d "
+            f"store within {timeout:g} s; give the address the first machine's c10d store "
+            "listens on"
+        )
+
+
+def _answers_as_store(host: str, port: int, timeout: float) -> bool:
+    """Whether a c10d store client gets an answer from ``host:port`` within ``timeout``
+    seconds. The client runs on a daemon thread (it releases the GIL): its handshake
+    ignores its own timeout, so one left waiting on a silent server is abandoned."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            store = dist.TCPStore(
+                host,
+                port,
+                is_master=False,
+                timeout=timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+            store.check(["noisy-student-probe"])
+            answered.set()
+        except (RuntimeError, ValueError):  # DistStoreError and the like: no store there
+            pass
+
+    thread = threading.Thread(target=probe, name="rdzv-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
 
 
 def torchrun_command(launch: Launch, cli_args: list[str]) -> list[str]:

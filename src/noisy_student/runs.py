@@ -5,6 +5,10 @@ here, so these rules live in one place."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,37 @@ HISTORY = "history.csv"
 METRICS = "metrics.json"
 PSEUDO_LABELS = "pseudo_labels.parquet"
 PER_CLASS = "per_class_accuracy.csv"
+LOCK = ".noisy-student.lock"  # hidden: no step's output, no cached result lists it
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another command is writing into the same run directory (one line naming it)."""
+
+
+@contextmanager
+def hold(root: Path, command: str, shared: bool = False) -> Iterator[None]:
+    """Hold the run directory's lock while ``command`` writes into it: exclusive for a
+    command that may write any step's files, ``shared`` for the processes of one step that
+    run side by side (the shards of one labeling, the machines of one training job). A
+    second command on the same directory is refused at once, naming the first, instead of
+    interleaving its files and MLflow records with the first's. The kernel drops the lock
+    when its process ends, ``kill -9`` included, so a lock file left behind blocks nothing."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another noisy-student command"
+            raise RunDirectoryBusy(
+                f"run directory {root} is in use by {holder}; wait for it to end, or give "
+                "another --run-dir"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"`noisy-student {command}` (pid {os.getpid()})")
+        handle.flush()
+        yield
 
 
 @dataclass(frozen=True)

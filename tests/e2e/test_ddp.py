@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -360,6 +361,42 @@ def test_bad_launches_fail_in_one_line_before_training(
     assert len(lines) == 1 and lines[0].startswith(f"noisy-student: train: {message}"), lines
     assert time.monotonic() - start < 60
     assert not (run_dir / "models").exists()
+
+
+def test_an_endpoint_that_accepts_and_never_answers_fails_the_command_in_its_timeout(
+    work: Path,
+) -> None:
+    """A listening socket that never answers (the kernel accepts for it): without the
+    launch check, torchrun's store client would wait on it for ever."""
+    run_dir = _run_dir(work, "silent-endpoint")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+        launch = ["--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-timeout", "2"]
+        start = time.monotonic()
+        result = _run(_cli(work, run_dir, "train", "--iteration", "0", *launch), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"noisy-student: train: --rdzv-endpoint: {endpoint} accepts connections but did not "
+        "answer as a c10d store within 2 s; give the address the first machine's c10d store "
+        "listens on"
+    ]
+    assert time.monotonic() - start < 60  # the interpreter's start, then 2 s
+    assert not (run_dir / "models").exists()
+
+
+def test_a_plain_train_ignores_launcher_variables_left_in_the_environment(work: Path) -> None:
+    """WORLD_SIZE=2 from a shell made the one process wait for a rank that never came."""
+    run_dir = _run_dir(work, "stray-env")
+    params = _write_params(work / "stray-env.yaml", work / "data", **{"teacher.epochs": 1})
+    stray = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    stray["MASTER_PORT"] = str(free_port())
+    train = _cli(work, run_dir, "train", "--iteration", "0", params=params.name)
+    result = _run(train, timeout=180, **stray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ignoring RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: not set by torchrun" in (
+        result.stderr
+    )
+    assert (RunLayout(run_dir).model_dir(0) / MODEL).is_file()
 
 
 def test_a_diverged_run_exits_non_zero_and_registers_nothing(work: Path) -> None:

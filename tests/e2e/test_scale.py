@@ -101,7 +101,7 @@ def test_flow_on_ray_and_s3_survives_a_lost_node(
 
     # The merged manifest is the one a single process makes from the same teacher.
     local = tmp_path / "local"
-    download(run_dir, local, ["splits/", "models/"])
+    download(run_dir, local, ["splits/", "models/"], "label")
     label_pool(cfg, RunLayout(local), 1)
     sharded = fs.cat(f"{run_dir.removeprefix('s3://')}/pseudo/iter_1/{PSEUDO_LABELS}")
     assert sharded == (local / "pseudo" / "iter_1" / PSEUDO_LABELS).read_bytes()
