@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from noisy_student.config import Config, ConfigError, load_config
+from noisy_student.config import Config, ConfigError, IterationConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,3 +155,41 @@ def test_teacher_cutmix_needs_strong_augmentation() -> None:
         load_config(None, {"teacher.cutmix_alpha": 1.0})
     cfg = load_config(None, {"teacher.cutmix_alpha": 1.0, "teacher.augment": "strong"})
     assert cfg.teacher.cutmix_alpha == 1.0
+
+
+def numeric_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, type]]:
+    """Every int and float parameter of ``model``, dotted as overrides name it (the
+    iterations' through iteration 1)."""
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        kinds = set(get_args(field.annotation)) or {field.annotation}
+        if name == "iterations":
+            yield from numeric_fields(IterationConfig, f"{dotted}.1.")
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from numeric_fields(field.annotation, f"{dotted}.")
+        elif float in kinds or int in kinds:
+            yield dotted, float if float in kinds else int
+
+
+NUMERIC_FIELDS = list(numeric_fields(Config))
+
+
+def test_the_schema_walk_finds_every_section() -> None:
+    sections = {dotted.split(".")[0] for dotted, _ in NUMERIC_FIELDS}
+    assert {"seed", "data", "train", "teacher", "noise", "student", "pseudo_label"} <= sections
+    assert "iterations.1.width" in dict(NUMERIC_FIELDS)
+
+
+@pytest.mark.parametrize(("dotted", "kind"), NUMERIC_FIELDS, ids=[d for d, _ in NUMERIC_FIELDS])
+def test_every_number_is_bounded_and_finite(dotted: str, kind: type) -> None:
+    """A parameter added without an upper and a lower bound, or a float taking inf or nan,
+    fails here: each such value is refused by the field itself, naming it."""
+    refusals = {10**30: "less than", -(10**30): "greater than"}
+    if kind is float:
+        refusals = {1e300: "less than", -1e300: "greater than"}
+        refusals |= {math.inf: "finite number", -math.inf: "finite number", math.nan: "finite"}
+    for value, bound in refusals.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, {dotted: value})
+        assert str(err.value).startswith(f"invalid parameters in defaults: {dotted}: ")
+        assert bound in str(err.value)

@@ -148,6 +148,16 @@ def test_missing_data_root(
         ({"train.epochs": True}, "train.epochs: Input should be a valid integer (got True)"),
         ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
         ({"data.hflip": "yes"}, "data.hflip: Input should be a valid boolean"),
+        ({"teacher.epochs": 10**9}, "teacher.epochs: Input should be less than or equal to"),
+        ({"pseudo_label.balance": 10**12}, "pseudo_label.balance: Input should be less than"),
+        ({"noise.cutmix_alpha": float("inf")}, "noise.cutmix_alpha: Input should be a finite"),
+        ({"teacher.unlabeled_ratio": float("inf")}, "teacher.unlabeled_ratio: Input should be"),
+        ({"train.lr": float("nan")}, "train.lr: Input should be a finite number"),
+        ({"seed": 2**32}, "seed: Input should be less than or equal to 4294967195"),
+        (
+            {"teacher.method": "fixmatch", "train.batch_size": 8192},
+            "teacher.unlabeled_ratio: a FixMatch step holds",
+        ),
     ],
 )
 def test_schema_values(

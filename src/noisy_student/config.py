@@ -31,11 +31,28 @@ MAX_WIDTH = 8.0
 MAX_DEPTH = 4.0
 MAX_CLASSES = 100_000
 MAX_IMAGE_SIZE = 4096
+# Bounds of every other number in params.yaml, sized for a 24 GiB, 2-core machine: each
+# refuses a value that would exhaust memory or time before the first epoch (the batch plan
+# of every epoch is drawn up front) or that no float arithmetic can carry.
+MAX_EPOCHS = 10_000
+MAX_ITERATIONS = 100
+MAX_PER_CLASS = 100_000  # images or pseudo-labels of one class
+MAX_PARAMS_IMAGE_SIZE = 512  # imagefolder images are held in memory at this side
+MAX_BATCH = 8192
+MAX_STEP_IMAGES = 65_536  # images a FixMatch step holds: labeled + two views of its pool share
+MAX_LR = 1e30  # float arithmetic only: lr far above 1 diverges, which training reports
+MAX_RATIO = 1000.0
+MAX_WEIGHT = 100.0
+MAX_MIX_ALPHA = 100.0
+MAX_SEED = 2**32 - 1 - MAX_ITERATIONS  # seed + iteration seeds numpy, which takes < 2**32
 
 
 class _Strict(BaseModel):
     # strict: a boolean is not a number (`epochs: true`), nor a string a number or a bool.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are no value of any parameter.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 class DataConfig(_Strict):
@@ -47,7 +64,13 @@ class DataConfig(_Strict):
         None, description="where `data fetch` reads the source (default per source)"
     )
     cache: str | None = Field(None, description="download cache (fashion_mnist fallback)")
-    image_size: int = Field(32, ge=8, description="imagefolder: side images are resized to")
+    image_size: int = Field(
+        32,
+        ge=8,
+        le=MAX_PARAMS_IMAGE_SIZE,
+        description=f"imagefolder: side images are resized to, 8 to {MAX_PARAMS_IMAGE_SIZE} "
+        "(the dataset is held in memory at this size)",
+    )
     channels: Literal["RGB", "L"] = Field("RGB", description="imagefolder: colour or grey")
     extra: bool = Field(True, description="svhn: add the `extra` split to the unlabeled pool")
     unlabeled: bool = Field(True, description="stl10: add the 100k `unlabeled` split")
@@ -60,7 +83,9 @@ class DataConfig(_Strict):
     labeled_per_class: int = Field(
         5,
         ge=1,
-        description="labeled images per class drawn from the training partition "
+        le=MAX_PER_CLASS,
+        description=f"labeled images per class (at most {MAX_PER_CLASS:_}) drawn from the "
+        "training partition "
         "(imagefolder: only with cap_labeled)",
     )
     cap_labeled: bool = Field(
@@ -69,10 +94,16 @@ class DataConfig(_Strict):
         "rest joining the pool (reported with counts); false: the labeled folder is used whole",
     )
     val_per_class: int = Field(
-        20, ge=1, description="validation images per class (unless the source has a val split)"
+        20,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description="validation images per class (unless the source has a val split)",
     )
     test_per_class: int = Field(
-        40, ge=1, description="test images per class (unless the source has a test split)"
+        40,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description="test images per class (unless the source has a test split)",
     )
 
     @property
@@ -85,12 +116,25 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(40, ge=1, description="epochs per model unless the model sets its own")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0, description="peak SGD learning rate (cosine decay)")
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(
+        40,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"epochs per model unless the model sets its own, at most {MAX_EPOCHS:_}",
+    )
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description=f"at most {MAX_BATCH}")
+    lr: float = Field(
+        0.05,
+        gt=0,
+        le=MAX_LR,
+        description="peak SGD learning rate (cosine decay); a diverging one stops training",
+    )
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     val_every: int = Field(
-        1, ge=1, description="score validation every N epochs (and after the last one)"
+        1,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="score validation every N epochs (and after the last one)",
     )
     sync_batchnorm: bool = Field(
         False,
@@ -111,7 +155,9 @@ class ModelSpec(_Strict):
     depth: float = Field(
         1.0, gt=0, le=MAX_DEPTH, description="blocks-per-stage multiplier (small_resnet), at most 4"
     )
-    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
+    epochs: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description=f"overrides train.epochs, at most {MAX_EPOCHS:_}"
+    )
     pretrained: str | None = Field(
         None,
         description="initial weights: checkpoint path, MLflow model URI or torchvision:<WEIGHTS>",
@@ -147,8 +193,9 @@ class TeacherConfig(ModelSpec):
     cutmix_alpha: float = Field(
         0.0,
         ge=0,
+        le=MAX_MIX_ALPHA,
         description="CutMix Beta(a, a) on a share teacher.mix_prob of the teacher's batches, "
-        "after its strong augmentation; 0: off",
+        f"after its strong augmentation; 0: off, at most {MAX_MIX_ALPHA:g}",
     )
     method: Literal["supervised", "fixmatch"] = Field(
         "supervised",
@@ -156,7 +203,11 @@ class TeacherConfig(ModelSpec):
         "its confident predictions on a weak view as targets for a strong view",
     )
     unlabeled_ratio: float = Field(
-        7.0, gt=0, description="fixmatch: pool images per labeled image in a step (mu)"
+        7.0,
+        gt=0,
+        le=MAX_RATIO,
+        description="fixmatch: pool images per labeled image in a step (mu); the step's "
+        f"train.batch_size * (1 + 2 * mu) images at most {MAX_STEP_IMAGES:_}",
     )
     threshold: float = Field(
         0.95,
@@ -165,7 +216,10 @@ class TeacherConfig(ModelSpec):
         description="fixmatch: min confidence on the weak view for its class to be a target",
     )
     unlabeled_weight: float = Field(
-        1.0, ge=0, description="fixmatch: weight of the pool's loss (lambda_u)"
+        1.0,
+        ge=0,
+        le=MAX_WEIGHT,
+        description=f"fixmatch: weight of the pool's loss (lambda_u), at most {MAX_WEIGHT:g}",
     )
     adaptive_threshold: bool = Field(
         False, description="fixmatch: FlexMatch's per-class thresholds, scaled by learning status"
@@ -220,8 +274,18 @@ class NoiseConfig(_Strict):
     stochastic_depth: float = Field(
         0.2, ge=0, lt=1, description="drop probability of the last residual block"
     )
-    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(a, a); 0: off")
-    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(a, a); 0: off")
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_MIX_ALPHA,
+        description=f"CutMix Beta(a, a); 0: off, at most {MAX_MIX_ALPHA:g}",
+    )
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_MIX_ALPHA,
+        description=f"MixUp Beta(a, a); 0: off, at most {MAX_MIX_ALPHA:g}",
+    )
     mix_prob: float = Field(0.5, ge=0, le=1, description="share of batches mixed")
 
 
@@ -229,7 +293,10 @@ class StudentConfig(_Strict):
     """How students learn from the labeled and pseudo-labeled images."""
 
     unlabeled_ratio: float | None = Field(
-        None, gt=0, description="pseudo-labeled per labeled image in each batch (null: shuffle)"
+        None,
+        gt=0,
+        le=MAX_RATIO,
+        description="pseudo-labeled per labeled image in each batch (null: shuffle)",
     )
     distillation: Literal["none", "offline", "online"] = Field(
         "none",
@@ -237,7 +304,9 @@ class StudentConfig(_Strict):
         "stored soft labels; online: KD on the teacher's logits for each clean batch",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss")
-    finetune_epochs: int = Field(0, ge=0, description="final epochs on labeled images only")
+    finetune_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="final epochs on labeled images only"
+    )
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune lr / train.lr")
     allow_smaller: bool = Field(False, description="allow students smaller than their teacher")
     init: Literal["scratch", "teacher"] = Field(
@@ -254,19 +323,30 @@ class StudentConfig(_Strict):
 
 class PseudoLabelConfig(_Strict):
     mode: Literal["hard", "soft"] = Field("soft", description="one-hot or full distribution")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature for soft labels")
+    temperature: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        description="softmax temperature for soft labels, 0.01 to 100 (below, logits / T overflow)",
+    )
     threshold: float = Field(0.5, ge=0, le=1, description="min teacher confidence to keep")
     balance: int | None = Field(
-        None, ge=1, description="pseudo-labels per class after balancing (null: no balancing)"
+        None,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description=f"pseudo-labels per class after balancing, at most {MAX_PER_CLASS:_} (a "
+        "class with fewer is duplicated up to it); null: no balancing",
     )
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH, description=f"at most {MAX_BATCH}")
     tta: Literal["none", "hflip"] = Field(
         "none", description="label with probabilities averaged over each image and its mirror"
     )
 
 
 class IterationConfig(ModelSpec):
-    teacher: int = Field(ge=0, description="iteration whose model labels the pool (i - 1)")
+    teacher: int = Field(
+        ge=0, le=MAX_ITERATIONS, description="iteration whose model labels the pool (i - 1)"
+    )
 
 
 class TrackingConfig(_Strict):
@@ -299,7 +379,12 @@ def _default_iterations() -> dict[int, IterationConfig]:
 
 
 class Config(_Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description=f"0 to {MAX_SEED} (seed + iteration seeds numpy, which takes < 2**32)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     data: DataConfig = DataConfig()
@@ -319,6 +404,8 @@ class Config(_Strict):
         keys = sorted(self.iterations)
         if keys != list(range(1, len(keys) + 1)):
             raise ValueError(f"iterations: keys must be 1..N in order, got {keys}")
+        if len(keys) > MAX_ITERATIONS:
+            raise ValueError(f"iterations: at most {MAX_ITERATIONS}, got {len(keys)}")
         for key in keys:
             spec, teacher = self.iterations[key], self.spec(key - 1)
             if spec.teacher != key - 1:
@@ -339,6 +426,12 @@ class Config(_Strict):
                     f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
                     f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
                 )
+        step_images = self.train.batch_size * (1 + 2 * self.teacher.unlabeled_ratio)
+        if self.teacher.method == "fixmatch" and step_images > MAX_STEP_IMAGES:
+            raise ValueError(
+                f"teacher.unlabeled_ratio: a FixMatch step holds train.batch_size * (1 + 2 * "
+                f"unlabeled_ratio) = {step_images:g} images; allowed: at most {MAX_STEP_IMAGES:_}"
+            )
         if self.pseudo_label.tta == "hflip" and not self.data.hflip:
             raise ValueError(
                 "pseudo_label.tta: 'hflip' assumes labels survive a horizontal flip, which "
