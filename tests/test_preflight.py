@@ -3,8 +3,10 @@ and at the start of every step: one line naming the key, exit status 2, no trace
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -199,6 +201,43 @@ def test_yaml_problems_name_file_line_and_column(
     line = refused(capsys, ["--params", str(path), "validate"], expected)
     if "\t" in text:
         assert "indent YAML with spaces" in line
+
+
+BOMB = "".join(
+    ['l0: &l0 ["lol", "lol", "lol"]\n']
+    + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}]\n" for i in range(1, 4)]
+    + ["data: {root: *l3}\n"]
+)
+
+
+def test_an_alias_bomb_in_params_is_refused_at_its_first_alias(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(BOMB)
+    refused(
+        capsys, ["--params", str(path), "validate"], f"{path}:2:10: YAML error: alias *l0: aliases"
+    )
+
+
+def test_params_that_never_end_or_are_huge_are_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as stream:
+        stream.truncate((1 << 20) + 1)  # sparse: nothing is written
+    refused(capsys, ["--params", str(huge), "validate"], f"{huge}: larger than 1048576 bytes")
+    refused(capsys, ["--params", "/dev/zero", "validate"], "/dev/zero: not a regular file")
+    fifo = tmp_path / "params.fifo"
+    os.mkfifo(fifo)
+    # A writer, so that reading the pipe (the fault) would end instead of hanging the test.
+    writer = threading.Thread(target=fifo.write_text, args=("seed: 1\n",), daemon=True)
+    writer.start()
+    try:
+        refused(capsys, ["--params", str(fifo), "validate"], f"{fifo}: not a regular file")
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer finish
+        writer.join(timeout=10)
 
 
 def test_a_folder_as_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -489,9 +490,27 @@ def _format(error: ValidationError, source: str, root: type[BaseModel] | None = 
     return "\n  ".join([f"invalid parameters in {source}:", *lines])
 
 
+# A params file is a few KiB; reading is capped so an endless one (/dev/zero) or a huge
+# one is refused without being read whole.
+MAX_PARAMS_BYTES = 1 << 20
+
+
 class _ParamsLoader(yaml.SafeLoader):
     """``yaml.safe_load`` as DVC reads ``params.yaml``: a duplicate key is an error (DVC
-    refuses the file), and ``1e-3`` is a float (YAML 1.2), not the string YAML 1.1 makes."""
+    refuses the file), and ``1e-3`` is a float (YAML 1.2), not the string YAML 1.1 makes.
+    An alias (``*name``) is refused: parameters are plain values, and nested aliases
+    expand exponentially ("billion laughs") in whatever walks the values."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor}: aliases are not allowed in params; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 def _no_duplicates(loader: _ParamsLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -515,19 +534,38 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def read_params_file(path: str | Path) -> Any:
-    """The parsed YAML of ``path``; any problem (a folder, no such file, a syntax error, a
-    tab indenting, a duplicate key) is one ConfigError line naming the file, line and
-    column."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; --params takes a YAML file (params.yaml)")
+def _read_capped(path: Path) -> str:
+    """The text of the regular file ``path``, refused unread when it is a folder, a device
+    or a pipe (which could block or never end), or larger than ``MAX_PARAMS_BYTES``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        mode, size = (info := path.stat()).st_mode, info.st_size
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a folder; --params takes a YAML file (params.yaml)")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{path}: not a regular file (a device, pipe or socket); --params takes a "
+                "YAML file (params.yaml)"
+            )
+        too_large = f"{path}: larger than {MAX_PARAMS_BYTES} bytes; a params file is a few KiB"
+        if size > MAX_PARAMS_BYTES:
+            raise ConfigError(too_large)
+        with path.open("rb") as stream:
+            data = stream.read(MAX_PARAMS_BYTES + 1)  # the file may have grown since
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ConfigError(too_large)
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read ({err})") from None
+
+
+def read_params_file(path: str | Path) -> Any:
+    """The parsed YAML of ``path``; any problem (a folder, a device or pipe, a file over
+    1 MiB, no such file, a syntax error, a tab indenting, a duplicate key, an alias) is
+    one ConfigError line naming the file (and the line and column)."""
+    path = Path(path)
+    text = _read_capped(path)
     try:
         return yaml.load(text, Loader=_ParamsLoader) or {}
     except yaml.MarkedYAMLError as err:
