@@ -57,6 +57,42 @@ def test_iteration_keys_must_be_quoted_for_dvc(tmp_path: Path) -> None:
         load_config(write(tmp_path, tree))
 
 
+def test_two_spellings_of_one_iteration_are_refused_naming_both(tmp_path: Path) -> None:
+    for keys in (("1", "01"), ("01", "1"), ("1", " 1")):
+        path = tmp_path / "params.yaml"
+        path.write_text("iterations:\n" + "".join(f"  {k!r}: {{teacher: 0}}\n" for k in keys))
+        first, second = (repr(k) for k in keys)
+        message = rf"iterations: keys {first} and {second} are both iteration 1; keep one$"
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, max_iterations=1)
+
+
+@pytest.mark.parametrize("key", ["01", " 1", "+1", "1.0", "one", "1" * 40])
+def test_iteration_keys_dvc_cannot_use_are_refused(tmp_path: Path, key: str) -> None:
+    """DVC's foreach writes the key's text into each stage's paths (iter_01) while the step
+    writes iter_1: such a key would pass validate and fail in `dvc repro` after training."""
+    path = write(tmp_path, {"iterations": {key: {"teacher": 0}}})
+    with pytest.raises(ConfigError, match=rf"iterations: key {re.escape(repr(key))}: DVC's"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"iterations: key {re.escape(repr(key))}: DVC's"):
+        load_config(path, max_iterations=1)
+
+
+def test_iterations_that_are_no_mapping_are_refused(tmp_path: Path) -> None:
+    for value in (5, ["1"]):
+        with pytest.raises(ConfigError, match=r"iterations: Input should be a valid dictionary"):
+            load_config(write(tmp_path, {"iterations": value}), max_iterations=1)
+
+
+def test_a_list_as_a_yaml_key_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("? [a]\n: 1\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml:1:3: YAML error: .*unhashable key"):
+        load_config(path)
+
+
 def test_iteration_teacher_must_be_previous() -> None:
     with pytest.raises(ConfigError, match=r"iterations\.2\.teacher: must be 1"):
         load_config(None, {"iterations.2.teacher": 0})

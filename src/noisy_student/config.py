@@ -11,12 +11,20 @@ import hashlib
 import json
 import re
 import stat
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from noisy_student.data import SOURCES
 from noisy_student.models import ARCHS, parameter_count
@@ -372,6 +380,22 @@ def _smaller(student: ModelSpec, teacher: ModelSpec) -> bool:
     )
 
 
+def _iteration_number(key: Any) -> int | None:
+    """The iteration a key of ``iterations`` reads as ("1", " 01", 1 from Python code: 1),
+    None for none ("1.0", "one", True)."""
+    if type(key) is int:  # noqa: E721 - True is no iteration
+        return key
+    found = re.fullmatch(r"\s*\+?([0-9]{1,6})\s*", key) if isinstance(key, str) else None
+    return int(found.group(1)) if found else None
+
+
+def _spelling_refused(key: Any) -> str:
+    return (
+        f"key {key!r}: DVC's stages use the key's text in their paths; allowed: "
+        f"'1' to '{MAX_ITERATIONS}', without leading zeros, spaces or signs"
+    )
+
+
 def _default_iterations() -> dict[int, IterationConfig]:
     return {
         1: IterationConfig(teacher=0, width=1.0, depth=1.0),
@@ -394,11 +418,36 @@ class Config(_Strict):
     noise: NoiseConfig = NoiseConfig()
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     student: StudentConfig = StudentConfig()
-    # Keys arrive as the quoted strings DVC needs ("1"): the one lax conversion.
-    iterations: dict[Annotated[int, Strict(False)], IterationConfig] = Field(
-        default_factory=_default_iterations
+    iterations: dict[int, IterationConfig] = Field(
+        default_factory=_default_iterations,
+        description=f"students 1..N (at most {MAX_ITERATIONS}), keyed by the quoted number "
+        "DVC's foreach needs: '1', '2', ...",
     )
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("iterations", mode="before")
+    @classmethod
+    def _numbered_keys(cls, value: Any) -> Any:
+        """Keys arrive as the quoted strings DVC needs ("1"): each becomes its number. Two
+        spellings of one number are refused, naming both, as is any spelling but the number
+        itself ("01", " 1"): DVC's foreach writes the key's text into the stage's paths
+        (iter_01) where the step writes iter_1, so the stage would fail after its work."""
+        if not isinstance(value, dict):
+            return value  # pydantic names the type
+        spelled: dict[int, Any] = {}
+        for key in value:
+            number = _iteration_number(key)
+            if number is None:
+                raise ValueError(_spelling_refused(key))
+            if number in spelled:
+                raise ValueError(
+                    f"keys {spelled[number]!r} and {key!r} are both iteration {number}; keep one"
+                )
+            spelled[number] = key
+        for number, key in spelled.items():
+            if not (type(key) is int or key == str(number)):  # noqa: E721 - True is no key
+                raise ValueError(_spelling_refused(key))
+        return {number: value[key] for number, key in spelled.items()}
 
     @model_validator(mode="after")
     def _check_loop(self) -> Config:
@@ -517,6 +566,8 @@ def _no_duplicates(loader: _ParamsLoader, node: yaml.MappingNode) -> dict[Any, A
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):  # a list or mapping as a key: PyYAML names it
+            break
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
@@ -604,7 +655,8 @@ def load_config(
         raw = read_params_file(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-    bare = [k for k in raw.get("iterations") or {} if not isinstance(k, str)]
+    iterations = raw.get("iterations")
+    bare = [k for k in iterations if not isinstance(k, str)] if isinstance(iterations, dict) else []
     if bare:
         raise ConfigError(
             f"{source}: iterations: quote the keys ({', '.join(f'{k!r}' for k in bare)} -> "
@@ -615,9 +667,13 @@ def load_config(
     if max_iterations is not None:
         if max_iterations < 0:
             raise ConfigError(f"iterations: must be >= 0, got {max_iterations}")
-        raw["iterations"] = {
-            k: v for k, v in (raw.get("iterations") or {}).items() if int(k) <= max_iterations
-        }
+        if isinstance(raw.get("iterations"), dict):  # else the schema names what it is
+            raw["iterations"] = {
+                key: spec
+                for key, spec in raw["iterations"].items()
+                # a key of no number stays, for the schema to refuse
+                if (number := _iteration_number(key)) is None or number <= max_iterations
+            }
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
