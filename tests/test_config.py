@@ -229,3 +229,17 @@ def test_every_number_is_bounded_and_finite(dotted: str, kind: type) -> None:
             load_config(None, {dotted: value})
         assert str(err.value).startswith(f"invalid parameters in defaults: {dotted}: ")
         assert bound in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["it's", "team/model", "a:b", "m@champion", "..", "-m", "a b", "50%", "n\nm", "m" * 201],
+)
+def test_registered_model_names_mlflow_or_its_uris_cannot_carry_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"tracking\.registered_model: .*allowed: letters"):
+        load_config(None, {"tracking.registered_model": name})
+
+
+def test_registered_model_names_of_letters_digits_dots_dashes_pass() -> None:
+    for name in ("my.model_v2-1", "M" * 200):
+        assert load_config(None, {"tracking.registered_model": name}).tracking.registered_model

@@ -147,6 +147,9 @@ def test_missing_data_root(
     ("changes", "expected"),
     [
         ({"tracking.registered_model": ""}, "tracking.registered_model: String should have"),
+        ({"tracking.registered_model": "it's"}, 'tracking.registered_model: "it\'s": it'),
+        ({"tracking.registered_model": "team/m"}, "tracking.registered_model: 'team/m': it"),
+        ({"tracking.experiment": "e" * 501}, "tracking.experiment: String should have at most"),
         ({"train.epochs": True}, "train.epochs: Input should be a valid integer (got True)"),
         ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
         ({"data.hflip": "yes"}, "data.hflip: Input should be a valid boolean"),

@@ -235,3 +235,24 @@ def test_params_bound_the_model_size() -> None:
         load_config(None, {"teacher.width": 9.0})
     with pytest.raises(ConfigError, match=r"iterations\.2\.depth: .*less than or equal to 4"):
         load_config(None, {"iterations.2.depth": 5.0})
+
+
+INJECTING_NAME = "x' and tags.task_key != 'y"  # as a filter: name = 'x' and tags.task_key != 'y'
+
+
+def test_a_registered_model_name_cannot_change_a_search_filter(planted: Planted) -> None:
+    """Refused by the schema before any work, and by the registry before any search: a quote
+    in the name would change what ``name = '<name>'`` selects."""
+    from noisy_student.registry import check_task, name_filter, version_of_file
+
+    with pytest.raises(ConfigError, match=r"tracking\.registered_model: .*allowed: letters"):
+        load_config(None, {"tracking.registered_model": INJECTING_NAME})
+    client = mlflow.MlflowClient(planted.uri)
+    for search in (
+        lambda: check_task(client, INJECTING_NAME, "task"),
+        lambda: version_of_file(client, INJECTING_NAME, "0" * 64),
+    ):
+        with pytest.raises(ValueError, match="no MLflow search is built from it"):
+            search()
+    assert name_filter("planted") == "name = 'planted'"
+    assert version_of_file(client, "planted", "0" * 64) is None  # a real search, nothing found

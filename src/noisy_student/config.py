@@ -54,6 +54,13 @@ MAX_RATIO = 1000.0
 MAX_WEIGHT = 100.0
 MAX_MIX_ALPHA = 100.0
 MAX_SEED = 2**32 - 1 - MAX_ITERATIONS  # seed + iteration seeds numpy, which takes < 2**32
+# A registered model's name goes into MLflow search filters (name = '<name>') and into
+# models:/<name>@<alias> URIs: letters, digits, '.', '_' and '-' only, so no quote changes
+# a filter's meaning and no '/', ':' or '@' a URI's (MLflow refuses '/' and ':' itself, but
+# only when registering, after the training). 200 characters leave room for the suffix the
+# default name gets within MLflow's 256.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+MAX_EXPERIMENT_NAME = 500  # MLflow's own limit, checked only when the step creates it
 
 
 class _Strict(BaseModel):
@@ -359,8 +366,32 @@ class IterationConfig(ModelSpec):
 
 
 class TrackingConfig(_Strict):
-    experiment: str = Field("noisy-student", min_length=1)
-    registered_model: str = Field("noisy-student", min_length=1)
+    experiment: str = Field(
+        "noisy-student",
+        min_length=1,
+        max_length=MAX_EXPERIMENT_NAME,
+        description=f"MLflow experiment, at most {MAX_EXPERIMENT_NAME} characters",
+    )
+    registered_model: str = Field(
+        "noisy-student",
+        min_length=1,
+        description="MLflow registered model (the default gets -<source>-<task> appended): "
+        "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 "
+        "characters",
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _safe_model_name(cls, name: str) -> str:
+        """Refused here, before any work: a name MLflow would refuse after the training, or
+        one that would change the meaning of a search filter or a models:/ URI."""
+        if not MODEL_NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"{name!r}: it names MLflow searches and models:/<name>@<alias> URIs; "
+                "allowed: letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                "at most 200 characters"
+            )
+        return name
 
 
 def _describe(spec: ModelSpec) -> str:
