@@ -243,3 +243,15 @@ def test_registered_model_names_mlflow_or_its_uris_cannot_carry_are_refused(name
 def test_registered_model_names_of_letters_digits_dots_dashes_pass() -> None:
     for name in ("my.model_v2-1", "M" * 200):
         assert load_config(None, {"tracking.registered_model": name}).tracking.registered_model
+
+
+PATH_KEYS = ["data.root", "data.directory", "data.cache", "teacher.pretrained"]
+
+
+@pytest.mark.parametrize("dotted", [*PATH_KEYS, "iterations.1.pretrained"])
+def test_paths_no_file_operation_could_take_are_refused(dotted: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{re.escape(dotted)}: contains a NUL character"):
+        load_config(None, {dotted: "model\x00.pt"})
+    with pytest.raises(ConfigError, match=rf"{re.escape(dotted)}: .*at most 4096") as err:
+        load_config(None, {dotted: "x" * 5000})
+    assert len(str(err.value)) < 200  # the value is shown cut, the line stays readable

@@ -143,6 +143,13 @@ def test_missing_data_root(
     refused(capsys, ["--params", str(path), "validate"], "data.root: ", "data fetch")
 
 
+def test_a_data_root_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = params(tmp_path, tmp_path / ("x" * 300))
+    refused(capsys, ["--params", str(path), "validate"], "data.root: File name too long: ")
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [

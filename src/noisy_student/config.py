@@ -13,11 +13,12 @@ import re
 import stat
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -61,6 +62,17 @@ MAX_SEED = 2**32 - 1 - MAX_ITERATIONS  # seed + iteration seeds numpy, which tak
 # default name gets within MLflow's 256.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 MAX_EXPERIMENT_NAME = 500  # MLflow's own limit, checked only when the step creates it
+MAX_PATH = 4096  # Linux's PATH_MAX: a longer path fails every file operation
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("contains a NUL character, which no path or URI can hold")
+    return text
+
+
+# A path or model URI: the file operations that would fail on it later are refused here.
+PathText = Annotated[str, Field(max_length=MAX_PATH), AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):
@@ -75,11 +87,11 @@ class DataConfig(_Strict):
     source: Literal[tuple(SOURCES)] = Field(  # type: ignore[valid-type]
         "digits", description="dataset materialized under `root` by `noisy-student data fetch`"
     )
-    root: str = Field("data", description="directory holding the materialized dataset")
-    directory: str | None = Field(
+    root: PathText = Field("data", description="directory holding the materialized dataset")
+    directory: PathText | None = Field(
         None, description="where `data fetch` reads the source (default per source)"
     )
-    cache: str | None = Field(None, description="download cache (fashion_mnist fallback)")
+    cache: PathText | None = Field(None, description="download cache (fashion_mnist fallback)")
     image_size: int = Field(
         32,
         ge=8,
@@ -174,7 +186,7 @@ class ModelSpec(_Strict):
     epochs: int | None = Field(
         None, ge=1, le=MAX_EPOCHS, description=f"overrides train.epochs, at most {MAX_EPOCHS:_}"
     )
-    pretrained: str | None = Field(
+    pretrained: PathText | None = Field(
         None,
         description="initial weights: checkpoint path, MLflow model URI or torchvision:<WEIGHTS>",
     )
@@ -564,7 +576,9 @@ def _format(error: ValidationError, source: str, root: type[BaseModel] | None = 
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {message}" if loc else message)
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+            lines.append(f"{key}: {err['msg']} (got {shown})")
     if len(lines) == 1:
         return f"invalid parameters in {source}: {lines[0]}"
     return "\n  ".join([f"invalid parameters in {source}:", *lines])
