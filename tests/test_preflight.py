@@ -3,8 +3,10 @@ and at the start of every step: one line naming the key, exit status 2, no trace
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -141,13 +143,33 @@ def test_missing_data_root(
     refused(capsys, ["--params", str(path), "validate"], "data.root: ", "data fetch")
 
 
+def test_a_data_root_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = params(tmp_path, tmp_path / ("x" * 300))
+    refused(capsys, ["--params", str(path), "validate"], "data.root: File name too long: ")
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
         ({"tracking.registered_model": ""}, "tracking.registered_model: String should have"),
+        ({"tracking.registered_model": "it's"}, 'tracking.registered_model: "it\'s": it'),
+        ({"tracking.registered_model": "team/m"}, "tracking.registered_model: 'team/m': it"),
+        ({"tracking.experiment": "e" * 501}, "tracking.experiment: String should have at most"),
         ({"train.epochs": True}, "train.epochs: Input should be a valid integer (got True)"),
         ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
         ({"data.hflip": "yes"}, "data.hflip: Input should be a valid boolean"),
+        ({"teacher.epochs": 10**9}, "teacher.epochs: Input should be less than or equal to"),
+        ({"pseudo_label.balance": 10**12}, "pseudo_label.balance: Input should be less than"),
+        ({"noise.cutmix_alpha": float("inf")}, "noise.cutmix_alpha: Input should be a finite"),
+        ({"teacher.unlabeled_ratio": float("inf")}, "teacher.unlabeled_ratio: Input should be"),
+        ({"train.lr": float("nan")}, "train.lr: Input should be a finite number"),
+        ({"seed": 2**32}, "seed: Input should be less than or equal to 4294967195"),
+        (
+            {"teacher.method": "fixmatch", "train.batch_size": 8192},
+            "teacher.unlabeled_ratio: a FixMatch step holds",
+        ),
     ],
 )
 def test_schema_values(
@@ -189,6 +211,43 @@ def test_yaml_problems_name_file_line_and_column(
     line = refused(capsys, ["--params", str(path), "validate"], expected)
     if "\t" in text:
         assert "indent YAML with spaces" in line
+
+
+BOMB = "".join(
+    ['l0: &l0 ["lol", "lol", "lol"]\n']
+    + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}]\n" for i in range(1, 4)]
+    + ["data: {root: *l3}\n"]
+)
+
+
+def test_an_alias_bomb_in_params_is_refused_at_its_first_alias(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(BOMB)
+    refused(
+        capsys, ["--params", str(path), "validate"], f"{path}:2:10: YAML error: alias *l0: aliases"
+    )
+
+
+def test_params_that_never_end_or_are_huge_are_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as stream:
+        stream.truncate((1 << 20) + 1)  # sparse: nothing is written
+    refused(capsys, ["--params", str(huge), "validate"], f"{huge}: larger than 1048576 bytes")
+    refused(capsys, ["--params", "/dev/zero", "validate"], "/dev/zero: not a regular file")
+    fifo = tmp_path / "params.fifo"
+    os.mkfifo(fifo)
+    # A writer, so that reading the pipe (the fault) would end instead of hanging the test.
+    writer = threading.Thread(target=fifo.write_text, args=("seed: 1\n",), daemon=True)
+    writer.start()
+    try:
+        refused(capsys, ["--params", str(fifo), "validate"], f"{fifo}: not a regular file")
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer finish
+        writer.join(timeout=10)
 
 
 def test_a_folder_as_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -297,3 +297,24 @@ def test_a_legacy_format_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save(ckpt, path, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="not a torch checkpoint archive"):
         load_checkpoint(str(path))
+
+
+INJECTING_NAME = "x' and tags.task_key != 'y"  # as a filter: name = 'x' and tags.task_key != 'y'
+
+
+def test_a_registered_model_name_cannot_change_a_search_filter(planted: Planted) -> None:
+    """Refused by the schema before any work, and by the registry before any search: a quote
+    in the name would change what ``name = '<name>'`` selects."""
+    from noisy_student.registry import check_task, name_filter, version_of_file
+
+    with pytest.raises(ConfigError, match=r"tracking\.registered_model: .*allowed: letters"):
+        load_config(None, {"tracking.registered_model": INJECTING_NAME})
+    client = mlflow.MlflowClient(planted.uri)
+    for search in (
+        lambda: check_task(client, INJECTING_NAME, "task"),
+        lambda: version_of_file(client, INJECTING_NAME, "0" * 64),
+    ):
+        with pytest.raises(ValueError, match="no MLflow search is built from it"):
+            search()
+    assert name_filter("planted") == "name = 'planted'"
+    assert version_of_file(client, "planted", "0" * 64) is None  # a real search, nothing found

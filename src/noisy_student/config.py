@@ -10,12 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from noisy_student.data import SOURCES
 from noisy_student.models import ARCHS, parameter_count
@@ -31,23 +41,64 @@ MAX_WIDTH = 8.0
 MAX_DEPTH = 4.0
 MAX_CLASSES = 100_000
 MAX_IMAGE_SIZE = 4096
+# Bounds of every other number in params.yaml, sized for a 24 GiB, 2-core machine: each
+# refuses a value that would exhaust memory or time before the first epoch (the batch plan
+# of every epoch is drawn up front) or that no float arithmetic can carry.
+MAX_EPOCHS = 10_000
+MAX_ITERATIONS = 100
+MAX_PER_CLASS = 100_000  # images or pseudo-labels of one class
+MAX_PARAMS_IMAGE_SIZE = 512  # imagefolder images are held in memory at this side
+MAX_BATCH = 8192
+MAX_STEP_IMAGES = 65_536  # images a FixMatch step holds: labeled + two views of its pool share
+MAX_LR = 1e30  # float arithmetic only: lr far above 1 diverges, which training reports
+MAX_RATIO = 1000.0
+MAX_WEIGHT = 100.0
+MAX_MIX_ALPHA = 100.0
+MAX_SEED = 2**32 - 1 - MAX_ITERATIONS  # seed + iteration seeds numpy, which takes < 2**32
+# A registered model's name goes into MLflow search filters (name = '<name>') and into
+# models:/<name>@<alias> URIs: letters, digits, '.', '_' and '-' only, so no quote changes
+# a filter's meaning and no '/', ':' or '@' a URI's (MLflow refuses '/' and ':' itself, but
+# only when registering, after the training). 200 characters leave room for the suffix the
+# default name gets within MLflow's 256.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+MAX_EXPERIMENT_NAME = 500  # MLflow's own limit, checked only when the step creates it
+MAX_PATH = 4096  # Linux's PATH_MAX: a longer path fails every file operation
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("contains a NUL character, which no path or URI can hold")
+    return text
+
+
+# A path or model URI: the file operations that would fail on it later are refused here.
+PathText = Annotated[str, Field(max_length=MAX_PATH), AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):
     # strict: a boolean is not a number (`epochs: true`), nor a string a number or a bool.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are no value of any parameter.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 class DataConfig(_Strict):
     source: Literal[tuple(SOURCES)] = Field(  # type: ignore[valid-type]
         "digits", description="dataset materialized under `root` by `noisy-student data fetch`"
     )
-    root: str = Field("data", description="directory holding the materialized dataset")
-    directory: str | None = Field(
+    root: PathText = Field("data", description="directory holding the materialized dataset")
+    directory: PathText | None = Field(
         None, description="where `data fetch` reads the source (default per source)"
     )
-    cache: str | None = Field(None, description="download cache (fashion_mnist fallback)")
-    image_size: int = Field(32, ge=8, description="imagefolder: side images are resized to")
+    cache: PathText | None = Field(None, description="download cache (fashion_mnist fallback)")
+    image_size: int = Field(
+        32,
+        ge=8,
+        le=MAX_PARAMS_IMAGE_SIZE,
+        description=f"imagefolder: side images are resized to, 8 to {MAX_PARAMS_IMAGE_SIZE} "
+        "(the dataset is held in memory at this size)",
+    )
     channels: Literal["RGB", "L"] = Field("RGB", description="imagefolder: colour or grey")
     extra: bool = Field(True, description="svhn: add the `extra` split to the unlabeled pool")
     unlabeled: bool = Field(True, description="stl10: add the 100k `unlabeled` split")
@@ -60,7 +111,9 @@ class DataConfig(_Strict):
     labeled_per_class: int = Field(
         5,
         ge=1,
-        description="labeled images per class drawn from the training partition "
+        le=MAX_PER_CLASS,
+        description=f"labeled images per class (at most {MAX_PER_CLASS:_}) drawn from the "
+        "training partition "
         "(imagefolder: only with cap_labeled)",
     )
     cap_labeled: bool = Field(
@@ -69,10 +122,16 @@ class DataConfig(_Strict):
         "rest joining the pool (reported with counts); false: the labeled folder is used whole",
     )
     val_per_class: int = Field(
-        20, ge=1, description="validation images per class (unless the source has a val split)"
+        20,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description="validation images per class (unless the source has a val split)",
     )
     test_per_class: int = Field(
-        40, ge=1, description="test images per class (unless the source has a test split)"
+        40,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description="test images per class (unless the source has a test split)",
     )
 
     @property
@@ -85,12 +144,25 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(40, ge=1, description="epochs per model unless the model sets its own")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0, description="peak SGD learning rate (cosine decay)")
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(
+        40,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"epochs per model unless the model sets its own, at most {MAX_EPOCHS:_}",
+    )
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description=f"at most {MAX_BATCH}")
+    lr: float = Field(
+        0.05,
+        gt=0,
+        le=MAX_LR,
+        description="peak SGD learning rate (cosine decay); a diverging one stops training",
+    )
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     val_every: int = Field(
-        1, ge=1, description="score validation every N epochs (and after the last one)"
+        1,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="score validation every N epochs (and after the last one)",
     )
     sync_batchnorm: bool = Field(
         False,
@@ -111,8 +183,10 @@ class ModelSpec(_Strict):
     depth: float = Field(
         1.0, gt=0, le=MAX_DEPTH, description="blocks-per-stage multiplier (small_resnet), at most 4"
     )
-    epochs: int | None = Field(None, ge=1, description="overrides train.epochs")
-    pretrained: str | None = Field(
+    epochs: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description=f"overrides train.epochs, at most {MAX_EPOCHS:_}"
+    )
+    pretrained: PathText | None = Field(
         None,
         description="initial weights: checkpoint path, MLflow model URI or torchvision:<WEIGHTS>",
     )
@@ -147,8 +221,9 @@ class TeacherConfig(ModelSpec):
     cutmix_alpha: float = Field(
         0.0,
         ge=0,
+        le=MAX_MIX_ALPHA,
         description="CutMix Beta(a, a) on a share teacher.mix_prob of the teacher's batches, "
-        "after its strong augmentation; 0: off",
+        f"after its strong augmentation; 0: off, at most {MAX_MIX_ALPHA:g}",
     )
     method: Literal["supervised", "fixmatch"] = Field(
         "supervised",
@@ -156,7 +231,11 @@ class TeacherConfig(ModelSpec):
         "its confident predictions on a weak view as targets for a strong view",
     )
     unlabeled_ratio: float = Field(
-        7.0, gt=0, description="fixmatch: pool images per labeled image in a step (mu)"
+        7.0,
+        gt=0,
+        le=MAX_RATIO,
+        description="fixmatch: pool images per labeled image in a step (mu); the step's "
+        f"train.batch_size * (1 + 2 * mu) images at most {MAX_STEP_IMAGES:_}",
     )
     threshold: float = Field(
         0.95,
@@ -165,7 +244,10 @@ class TeacherConfig(ModelSpec):
         description="fixmatch: min confidence on the weak view for its class to be a target",
     )
     unlabeled_weight: float = Field(
-        1.0, ge=0, description="fixmatch: weight of the pool's loss (lambda_u)"
+        1.0,
+        ge=0,
+        le=MAX_WEIGHT,
+        description=f"fixmatch: weight of the pool's loss (lambda_u), at most {MAX_WEIGHT:g}",
     )
     adaptive_threshold: bool = Field(
         False, description="fixmatch: FlexMatch's per-class thresholds, scaled by learning status"
@@ -220,8 +302,18 @@ class NoiseConfig(_Strict):
     stochastic_depth: float = Field(
         0.2, ge=0, lt=1, description="drop probability of the last residual block"
     )
-    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(a, a); 0: off")
-    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(a, a); 0: off")
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_MIX_ALPHA,
+        description=f"CutMix Beta(a, a); 0: off, at most {MAX_MIX_ALPHA:g}",
+    )
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_MIX_ALPHA,
+        description=f"MixUp Beta(a, a); 0: off, at most {MAX_MIX_ALPHA:g}",
+    )
     mix_prob: float = Field(0.5, ge=0, le=1, description="share of batches mixed")
 
 
@@ -229,7 +321,10 @@ class StudentConfig(_Strict):
     """How students learn from the labeled and pseudo-labeled images."""
 
     unlabeled_ratio: float | None = Field(
-        None, gt=0, description="pseudo-labeled per labeled image in each batch (null: shuffle)"
+        None,
+        gt=0,
+        le=MAX_RATIO,
+        description="pseudo-labeled per labeled image in each batch (null: shuffle)",
     )
     distillation: Literal["none", "offline", "online"] = Field(
         "none",
@@ -237,7 +332,9 @@ class StudentConfig(_Strict):
         "stored soft labels; online: KD on the teacher's logits for each clean batch",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss")
-    finetune_epochs: int = Field(0, ge=0, description="final epochs on labeled images only")
+    finetune_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="final epochs on labeled images only"
+    )
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune lr / train.lr")
     allow_smaller: bool = Field(False, description="allow students smaller than their teacher")
     init: Literal["scratch", "teacher"] = Field(
@@ -255,24 +352,59 @@ class StudentConfig(_Strict):
 
 class PseudoLabelConfig(_Strict):
     mode: Literal["hard", "soft"] = Field("soft", description="one-hot or full distribution")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature for soft labels")
+    temperature: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        description="softmax temperature for soft labels, 0.01 to 100 (below, logits / T overflow)",
+    )
     threshold: float = Field(0.5, ge=0, le=1, description="min teacher confidence to keep")
     balance: int | None = Field(
-        None, ge=1, description="pseudo-labels per class after balancing (null: no balancing)"
+        None,
+        ge=1,
+        le=MAX_PER_CLASS,
+        description=f"pseudo-labels per class after balancing, at most {MAX_PER_CLASS:_} (a "
+        "class with fewer is duplicated up to it); null: no balancing",
     )
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH, description=f"at most {MAX_BATCH}")
     tta: Literal["none", "hflip"] = Field(
         "none", description="label with probabilities averaged over each image and its mirror"
     )
 
 
 class IterationConfig(ModelSpec):
-    teacher: int = Field(ge=0, description="iteration whose model labels the pool (i - 1)")
+    teacher: int = Field(
+        ge=0, le=MAX_ITERATIONS, description="iteration whose model labels the pool (i - 1)"
+    )
 
 
 class TrackingConfig(_Strict):
-    experiment: str = Field("noisy-student", min_length=1)
-    registered_model: str = Field("noisy-student", min_length=1)
+    experiment: str = Field(
+        "noisy-student",
+        min_length=1,
+        max_length=MAX_EXPERIMENT_NAME,
+        description=f"MLflow experiment, at most {MAX_EXPERIMENT_NAME} characters",
+    )
+    registered_model: str = Field(
+        "noisy-student",
+        min_length=1,
+        description="MLflow registered model (the default gets -<source>-<task> appended): "
+        "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 "
+        "characters",
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _safe_model_name(cls, name: str) -> str:
+        """Refused here, before any work: a name MLflow would refuse after the training, or
+        one that would change the meaning of a search filter or a models:/ URI."""
+        if not MODEL_NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"{name!r}: it names MLflow searches and models:/<name>@<alias> URIs; "
+                "allowed: letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                "at most 200 characters"
+            )
+        return name
 
 
 def _describe(spec: ModelSpec) -> str:
@@ -292,6 +424,22 @@ def _smaller(student: ModelSpec, teacher: ModelSpec) -> bool:
     )
 
 
+def _iteration_number(key: Any) -> int | None:
+    """The iteration a key of ``iterations`` reads as ("1", " 01", 1 from Python code: 1),
+    None for none ("1.0", "one", True)."""
+    if type(key) is int:  # noqa: E721 - True is no iteration
+        return key
+    found = re.fullmatch(r"\s*\+?([0-9]{1,6})\s*", key) if isinstance(key, str) else None
+    return int(found.group(1)) if found else None
+
+
+def _spelling_refused(key: Any) -> str:
+    return (
+        f"key {key!r}: DVC's stages use the key's text in their paths; allowed: "
+        f"'1' to '{MAX_ITERATIONS}', without leading zeros, spaces or signs"
+    )
+
+
 def _default_iterations() -> dict[int, IterationConfig]:
     return {
         1: IterationConfig(teacher=0, width=1.0, depth=1.0),
@@ -300,7 +448,12 @@ def _default_iterations() -> dict[int, IterationConfig]:
 
 
 class Config(_Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description=f"0 to {MAX_SEED} (seed + iteration seeds numpy, which takes < 2**32)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     data: DataConfig = DataConfig()
@@ -309,17 +462,44 @@ class Config(_Strict):
     noise: NoiseConfig = NoiseConfig()
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     student: StudentConfig = StudentConfig()
-    # Keys arrive as the quoted strings DVC needs ("1"): the one lax conversion.
-    iterations: dict[Annotated[int, Strict(False)], IterationConfig] = Field(
-        default_factory=_default_iterations
+    iterations: dict[int, IterationConfig] = Field(
+        default_factory=_default_iterations,
+        description=f"students 1..N (at most {MAX_ITERATIONS}), keyed by the quoted number "
+        "DVC's foreach needs: '1', '2', ...",
     )
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("iterations", mode="before")
+    @classmethod
+    def _numbered_keys(cls, value: Any) -> Any:
+        """Keys arrive as the quoted strings DVC needs ("1"): each becomes its number. Two
+        spellings of one number are refused, naming both, as is any spelling but the number
+        itself ("01", " 1"): DVC's foreach writes the key's text into the stage's paths
+        (iter_01) where the step writes iter_1, so the stage would fail after its work."""
+        if not isinstance(value, dict):
+            return value  # pydantic names the type
+        spelled: dict[int, Any] = {}
+        for key in value:
+            number = _iteration_number(key)
+            if number is None:
+                raise ValueError(_spelling_refused(key))
+            if number in spelled:
+                raise ValueError(
+                    f"keys {spelled[number]!r} and {key!r} are both iteration {number}; keep one"
+                )
+            spelled[number] = key
+        for number, key in spelled.items():
+            if not (type(key) is int or key == str(number)):  # noqa: E721 - True is no key
+                raise ValueError(_spelling_refused(key))
+        return {number: value[key] for number, key in spelled.items()}
 
     @model_validator(mode="after")
     def _check_loop(self) -> Config:
         keys = sorted(self.iterations)
         if keys != list(range(1, len(keys) + 1)):
             raise ValueError(f"iterations: keys must be 1..N in order, got {keys}")
+        if len(keys) > MAX_ITERATIONS:
+            raise ValueError(f"iterations: at most {MAX_ITERATIONS}, got {len(keys)}")
         for key in keys:
             spec, teacher = self.iterations[key], self.spec(key - 1)
             if spec.teacher != key - 1:
@@ -340,6 +520,12 @@ class Config(_Strict):
                     f"iterations.{key} must be {_describe(teacher)} without `pretrained`, "
                     f"got {_describe(spec)}; allowed: 'scratch' for students that grow"
                 )
+        step_images = self.train.batch_size * (1 + 2 * self.teacher.unlabeled_ratio)
+        if self.teacher.method == "fixmatch" and step_images > MAX_STEP_IMAGES:
+            raise ValueError(
+                f"teacher.unlabeled_ratio: a FixMatch step holds train.batch_size * (1 + 2 * "
+                f"unlabeled_ratio) = {step_images:g} images; allowed: at most {MAX_STEP_IMAGES:_}"
+            )
         if self.pseudo_label.tta == "hflip" and not self.data.hflip:
             raise ValueError(
                 "pseudo_label.tta: 'hflip' assumes labels survive a horizontal flip, which "
@@ -391,21 +577,43 @@ def _format(error: ValidationError, source: str, root: type[BaseModel] | None = 
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {message}" if loc else message)
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+            lines.append(f"{key}: {err['msg']} (got {shown})")
     if len(lines) == 1:
         return f"invalid parameters in {source}: {lines[0]}"
     return "\n  ".join([f"invalid parameters in {source}:", *lines])
 
 
+# A params file is a few KiB; reading is capped so an endless one (/dev/zero) or a huge
+# one is refused without being read whole.
+MAX_PARAMS_BYTES = 1 << 20
+
+
 class _ParamsLoader(yaml.SafeLoader):
     """``yaml.safe_load`` as DVC reads ``params.yaml``: a duplicate key is an error (DVC
-    refuses the file), and ``1e-3`` is a float (YAML 1.2), not the string YAML 1.1 makes."""
+    refuses the file), and ``1e-3`` is a float (YAML 1.2), not the string YAML 1.1 makes.
+    An alias (``*name``) is refused: parameters are plain values, and nested aliases
+    expand exponentially ("billion laughs") in whatever walks the values."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor}: aliases are not allowed in params; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 def _no_duplicates(loader: _ParamsLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):  # a list or mapping as a key: PyYAML names it
+            break
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
@@ -423,19 +631,38 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def read_params_file(path: str | Path) -> Any:
-    """The parsed YAML of ``path``; any problem (a folder, no such file, a syntax error, a
-    tab indenting, a duplicate key) is one ConfigError line naming the file, line and
-    column."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; --params takes a YAML file (params.yaml)")
+def _read_capped(path: Path) -> str:
+    """The text of the regular file ``path``, refused unread when it is a folder, a device
+    or a pipe (which could block or never end), or larger than ``MAX_PARAMS_BYTES``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        mode, size = (info := path.stat()).st_mode, info.st_size
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a folder; --params takes a YAML file (params.yaml)")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{path}: not a regular file (a device, pipe or socket); --params takes a "
+                "YAML file (params.yaml)"
+            )
+        too_large = f"{path}: larger than {MAX_PARAMS_BYTES} bytes; a params file is a few KiB"
+        if size > MAX_PARAMS_BYTES:
+            raise ConfigError(too_large)
+        with path.open("rb") as stream:
+            data = stream.read(MAX_PARAMS_BYTES + 1)  # the file may have grown since
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ConfigError(too_large)
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read ({err})") from None
+
+
+def read_params_file(path: str | Path) -> Any:
+    """The parsed YAML of ``path``; any problem (a folder, a device or pipe, a file over
+    1 MiB, no such file, a syntax error, a tab indenting, a duplicate key, an alias) is
+    one ConfigError line naming the file (and the line and column)."""
+    path = Path(path)
+    text = _read_capped(path)
     try:
         return yaml.load(text, Loader=_ParamsLoader) or {}
     except yaml.MarkedYAMLError as err:
@@ -474,7 +701,8 @@ def load_config(
         raw = read_params_file(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-    bare = [k for k in raw.get("iterations") or {} if not isinstance(k, str)]
+    iterations = raw.get("iterations")
+    bare = [k for k in iterations if not isinstance(k, str)] if isinstance(iterations, dict) else []
     if bare:
         raise ConfigError(
             f"{source}: iterations: quote the keys ({', '.join(f'{k!r}' for k in bare)} -> "
@@ -485,9 +713,13 @@ def load_config(
     if max_iterations is not None:
         if max_iterations < 0:
             raise ConfigError(f"iterations: must be >= 0, got {max_iterations}")
-        raw["iterations"] = {
-            k: v for k, v in (raw.get("iterations") or {}).items() if int(k) <= max_iterations
-        }
+        if isinstance(raw.get("iterations"), dict):  # else the schema names what it is
+            raw["iterations"] = {
+                key: spec
+                for key, spec in raw["iterations"].items()
+                # a key of no number stays, for the schema to refuse
+                if (number := _iteration_number(key)) is None or number <= max_iterations
+            }
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

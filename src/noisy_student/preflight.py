@@ -26,7 +26,11 @@ def check_device(cfg: Config) -> None:
 def check_data(cfg: Config) -> ImageSet:
     """The materialized dataset, and labeled/val/test counts every class can give."""
     root = Path(cfg.data.root)
-    if not root.is_dir():
+    try:
+        is_dir = root.is_dir()
+    except OSError as err:  # a name too long for the file system, a folder not searchable
+        raise ConfigError(f"data.root: {err.strerror}: {root}") from None
+    if not is_dir:
         raise ConfigError(
             f"data.root: {root} does not exist; run `noisy-student data fetch` (or `dvc pull`) "
             "first, or point data.root at the materialized data"

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 
-from noisy_student.config import Config, TrackingConfig
+from noisy_student.config import MODEL_NAME_PATTERN, Config, TrackingConfig
 from noisy_student.data import ImageSet
 from noisy_student.runs import RunLayout
 from noisy_student.tracking import store_lock
@@ -67,10 +67,21 @@ def registered_model_name(cfg: Config, task: str) -> str:
     return f"{name}-{cfg.data.source}-{task[:6]}" if name == DEFAULT_NAME else name
 
 
+def name_filter(name: str) -> str:
+    """The search filter ``name = '<name>'``, for a name the schema allows only: any other
+    (a quote in it) could change what the filter selects."""
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"registered model {name!r}: not a name tracking.registered_model allows "
+            "(letters, digits, '.', '_', '-'); no MLflow search is built from it"
+        )
+    return f"name = '{name}'"
+
+
 def check_task(client: mlflow.MlflowClient, name: str, task: str) -> None:
     """Refuse a registered model whose versions belong to another task: its champion could
     not be compared with this run's models (checked before any training)."""
-    others = {v.tags.get(TASK_TAG) for v in client.search_model_versions(f"name = '{name}'")}
+    others = {v.tags.get(TASK_TAG) for v in client.search_model_versions(name_filter(name))}
     others.discard(task)
     if others:
         shown = ", ".join(sorted(str(t) for t in others))
@@ -84,7 +95,7 @@ def check_task(client: mlflow.MlflowClient, name: str, task: str) -> None:
 
 def version_of_file(client: mlflow.MlflowClient, name: str, sha: str) -> ModelVersion | None:
     """The version registered for the model file whose sha256 is ``sha``, if any."""
-    found = client.search_model_versions(f"name = '{name}' and tags.{SHA_TAG} = '{sha}'")
+    found = client.search_model_versions(f"{name_filter(name)} and tags.{SHA_TAG} = '{sha}'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
