@@ -202,6 +202,44 @@ def test_merge_names_the_missing_corrupt_or_stale_shard(
     merge_shards(cfg, layout, 1, 4)
 
 
+def test_merge_refuses_statistics_of_another_shape(
+    taught: tuple[Config, RunLayout],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Valid JSON that is no shard's statistics: one line naming the file and what is
+    wrong, exit 2 (before: a KeyError or TypeError inside the reduce, or a wrong sum)."""
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "off")
+    cfg, layout = taught
+    out = layout.pseudo_dir(1)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for index in range(2):
+        label_shard(cfg, layout, 1, Shard(index, 2))
+    stats = stats_path(out, Shard(1, 2))
+    good = read_json(stats)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    argv = ["--params", str(params), "--run-dir", str(layout.root), "pseudo-label"]
+    for bad, problem in (
+        ([good], "a JSON list, expected an object"),
+        ({k: v for k, v in good.items() if k != "start"}, "'start' is None, expected a count"),
+        ({**good, "key": 7}, "no string 'key'"),
+        ({**good, "rows": "12"}, "'rows' is '12', expected a count"),
+        ({**good, "scored": {"0": 1}}, "'scored' is not a list of per-class counts"),
+        ({**good, "confidence_sum": [0.5] * 10}, "'confidence_sum' is not a list of"),
+        ({**good, "correct": good["correct"][:3]}, "'correct' has 3 classes, expected 10"),
+    ):
+        write_json(stats, bad)
+        with pytest.raises(ShardError, match="shard 1/2: shards/stats-00001-of-00002.json is not"):
+            merge_shards(cfg, layout, 1, 2)
+        capsys.readouterr()
+        assert main([*argv, "--iteration", "1", "--merge"]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("noisy-student: pseudo-label: shard 1/2: ") and problem in line
+    shutil.rmtree(out / "shards")
+
+
 def test_cli_labels_shards_and_merges_them(
     taught: tuple[Config, RunLayout],
     tmp_path: Path,
