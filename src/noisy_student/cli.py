@@ -16,9 +16,14 @@ import pandas as pd
 from noisy_student import pipeline, progress, storage
 from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
+from noisy_student.models import CheckpointError
 from noisy_student.preflight import preflight
-from noisy_student.runs import RunLayout
+from noisy_student.runs import NotYetRun, RunLayout
 from noisy_student.shards import ShardError, parse_shard
+
+# What the library raises for input it refuses (a flag, a planted or stale file, a step run
+# before the steps it reads from): caught once, in ``main``, as one line and exit 2.
+REFUSED = (ConfigError, CheckpointError, ShardError, NotYetRun)
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -332,21 +337,17 @@ def _pseudo_label(
 ) -> int:
     """The whole pool in this process (``label``), one shard of it (``--shard``: a part,
     recorded by the merge), or the reduce of the shards' parts (``--merge``, recorded in
-    MLflow when ``entry_point`` is set); a bad shard spec or part is one line on stderr."""
-    try:
-        if args.shard is not None:
-            pipeline.label_shard(cfg, layout, args.iteration, parse_shard(args.shard))
-        elif args.merge is not None:
-            pipeline.merge_shards(cfg, layout, args.iteration, args.merge or None)
-            if entry_point is not None:
-                from noisy_student import records
+    MLflow when ``entry_point`` is set)."""
+    if args.shard is not None:
+        pipeline.label_shard(cfg, layout, args.iteration, parse_shard(args.shard))
+    elif args.merge is not None:
+        pipeline.merge_shards(cfg, layout, args.iteration, args.merge or None)
+        if entry_point is not None:
+            from noisy_student import records
 
-                records.record_pseudo_labels(cfg, layout, args.iteration, entry_point)
-        else:
-            label(cfg, layout, args.iteration)
-    except ShardError as err:
-        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
-        return 2
+            records.record_pseudo_labels(cfg, layout, args.iteration, entry_point)
+    else:
+        label(cfg, layout, args.iteration)
     return 0
 
 
@@ -371,6 +372,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     progress.configure(quiet=args.quiet)
+    try:
+        return _run_command(args)
+    except storage.StorageError as err:  # names its URL first
+        print(f"noisy-student: {err}", file=sys.stderr)
+    except REFUSED as err:
+        command = "data fetch" if args.command == "data" else args.command
+        print(f"noisy-student: {command}: {err}", file=sys.stderr)
+    return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     step = _staged_step(args)
     if step is None or not storage.is_remote(args.run_dir):
         return _main(args)
@@ -387,12 +399,6 @@ def main(argv: list[str] | None = None) -> int:
             code = _main(argparse.Namespace(**{**vars(args), **local}))
             if code:
                 raise _Failed(code)
-    except ShardError as err:
-        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
-        return 2
-    except storage.StorageError as err:
-        print(f"noisy-student: {err}", file=sys.stderr)
-        return 2
     except _Failed as failed:
         return failed.args[0]
     return 0
@@ -408,6 +414,8 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
+    if args.command not in ("data", "validate"):
+        _check_run_dir(args.run_dir)
     layout = RunLayout(Path(args.run_dir), origin=args.run_origin)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
         print(
@@ -417,15 +425,16 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     if args.command == "data":
         source = args.source or cfg.data.source
-        options = {
-            key: value
-            for key in source_options(source)
-            if (value := getattr(cfg.data, key, None)) is not None
-        }
         try:
+            options = {
+                key: value
+                for key in source_options(source)
+                if (value := getattr(cfg.data, key, None)) is not None
+            }
             folder = fetch(source, args.root or cfg.data.root, **options)
         except (OSError, RuntimeError, ValueError) as err:
-            print(f"noisy-student: data fetch {source}: {err}", file=sys.stderr)
+            given = f"--source {source}" if args.source else source
+            print(f"noisy-student: data fetch {given}: {err}", file=sys.stderr)
             return 2
         print(folder)
         skipped = folder / "skipped.json"
@@ -447,8 +456,25 @@ def _main(args: argparse.Namespace) -> int:
     elif args.command in ("train", "pseudo-label", "report", "run"):
         return _step(args, cfg, layout)
     elif args.command == "show":
+        layout.require(layout.report / "iterations.csv")
         print_table(pd.read_csv(layout.report / "iterations.csv"))
     return 0
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """A local ``--run-dir`` must be a folder or a path a folder can be made at: a file
+    there, or above it, is refused before any step writes."""
+    if storage.is_remote(run_dir):
+        return
+    path = Path(run_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--run-dir {run_dir}: {folder} is a file; allowed: a folder (made when "
+                    "missing) for the run's outputs"
+                )
+            return
 
 
 if __name__ == "__main__":
