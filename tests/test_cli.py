@@ -239,3 +239,24 @@ def test_a_prefect_task_run_too_early_fails_with_the_same_line(
         f"({tmp_path / 'run' / 'pseudo' / 'iter_1' / 'pseudo_labels.parquet'}): "
         "run `noisy-student pseudo-label --iteration 1`"
     )
+
+
+def test_class_names_that_read_as_mathtext_are_drawn_as_they_are(tmp_path: Path) -> None:
+    """Folder names with `$`, `_`, `^`, a backslash: every figure naming classes is written
+    (matplotlib's mathtext failed the figure on `$\\notacommand$` and garbled `$x^2$`)."""
+    from noisy_student.report import (
+        write_class_counts_png,
+        write_confusion_matrix_png,
+        write_per_class_accuracy_png,
+        write_sample_grid_png,
+    )
+
+    classes = ["$\\notacommand$", "$x^2$", "a_b^c", "50$ bill", "$"]
+    n = len(classes)
+    write_per_class_accuracy_png(tmp_path / "a.png", [0.5] * n, classes)
+    write_confusion_matrix_png(tmp_path / "b.png", np.eye(n, dtype=np.int64), classes)
+    write_class_counts_png(tmp_path / "c.png", [1] * n, [1] * n, classes)
+    images = np.zeros((n, 1, 8, 8), dtype=np.uint8)
+    write_sample_grid_png(tmp_path / "d.png", images, list(range(n)), [0.9] * n, classes)
+    for name in "abcd":
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

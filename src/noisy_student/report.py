@@ -74,12 +74,18 @@ def _save(fig: Figure, path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=DPI)
 
 
+# Class names are the user's folder names, shown as they are: matplotlib would read
+# `$x^2$` as mathtext (garbled) and fail the whole figure on `$\foo$` (a ValueError).
+_PLAIN_TEXT = {"parse_math": False}
+
+
 def _class_axis(ax: Axes, classes: Sequence[str], axis: str = "x") -> None:
     ticks = np.arange(len(classes))
     if axis == "x":
-        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0, fontsize=7)
+        rotation = 90 if len(classes) > 10 else 0
+        ax.set_xticks(ticks, classes, rotation=rotation, fontsize=7, **_PLAIN_TEXT)
     else:
-        ax.set_yticks(ticks, classes, fontsize=7)
+        ax.set_yticks(ticks, classes, fontsize=7, **_PLAIN_TEXT)
 
 
 def write_confusion_matrix_png(
@@ -170,7 +176,7 @@ def write_sample_grid_png(
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
         else:
             ax.imshow(np.transpose(image, (1, 2, 0)))
-        ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6)
+        ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6, **_PLAIN_TEXT)
     _save(fig, path)
 
 
