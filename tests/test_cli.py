@@ -260,3 +260,34 @@ def test_class_names_that_read_as_mathtext_are_drawn_as_they_are(tmp_path: Path)
     write_sample_grid_png(tmp_path / "d.png", images, list(range(n)), [0.9] * n, classes)
     for name in "abcd":
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_deleted_mlflow_experiment_is_one_line_saying_how_to_restore_it(
+    prepared: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deleted in the UI, then a step run again: refused before training, naming the
+    experiment and the command that restores it; restored, the step finds it again."""
+    from noisy_student.tracking import use_experiment
+    from tests.test_tracking import mlflow_store
+
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "on")
+    name = load_config(prepared[1]).tracking.experiment
+    with mlflow_store(tmp_path) as client:
+        experiment_id = use_experiment(name)
+        client.delete_experiment(experiment_id)
+        capsys.readouterr()  # MLflow's own lines on creating the store
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        refused(
+            capsys,
+            [*prepared, "train", "--iteration", "0"],
+            f"train: tracking.experiment: the MLflow experiment {name!r} (id {experiment_id}) "
+            f"is deleted in {uri}; restore it with `MLFLOW_TRACKING_URI={uri} mlflow "
+            f"experiments restore --experiment-id {experiment_id}`, or set tracking.experiment "
+            "to another name",
+        )
+        assert not (tmp_path / "run" / "models").exists()
+        client.restore_experiment(experiment_id)
+        assert use_experiment(name) == experiment_id
