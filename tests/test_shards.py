@@ -280,3 +280,43 @@ def test_run_options_that_cannot_work_are_one_line() -> None:
     with pytest.raises(ValueError, match=r"task_runner 'dask': allowed: local, ray"):
         task_runner("dask", None)
     check_ray_address("auto")
+
+
+def test_a_teacher_keeping_no_pseudo_label_says_the_student_learns_from_labels_alone(
+    taught: tuple[Config, RunLayout],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """In the labeling step's log, in `show`'s table and under the report's table."""
+    from noisy_student.cli import print_table
+    from noisy_student.report import write_report
+
+    cfg, layout = taught
+    cfg = _with(cfg, threshold=1.0)
+    out = tmp_path / "run"
+    shutil.copytree(layout.root, out)
+    with caplog.at_level("WARNING", logger="noisy_student.pipeline"):
+        label_pool(cfg, RunLayout(out), 1)
+    assert "0 pseudo-labels above 1: student-1 learns from the 50 labels alone" in caplog.text
+    assert read_json(RunLayout(out).pseudo_dir(1) / METRICS)["num_pseudo_labeled"] == 0
+    table = pd.DataFrame(
+        {
+            "iteration": [0, 1],
+            "model": ["teacher", "student-1"],
+            "num_labeled": [50, 50],
+            "num_pseudo_labeled": [0, 0],
+            "pseudo_label_accuracy": [None, None],
+            "val_accuracy": [0.5, 0.5],
+            "test_accuracy": [0.5, 0.5],
+            "teacher_iteration": pd.array([None, 0], dtype="Int64"),
+            "promoted": [True, False],
+        }
+    )
+    note = "student-1: 0 pseudo-labels above pseudo_label.threshold; it learned from the 50"
+    print_table(table)
+    shown = capsys.readouterr().out
+    assert "0: labels alone" in shown and note in " ".join(shown.split())
+    write_report(tmp_path / "report", "run", "a run", table, {})
+    assert note in (tmp_path / "report" / "report.md").read_text()
+    assert note in (tmp_path / "report" / "report.html").read_text()

@@ -30,9 +30,10 @@ def print_table(table: pd.DataFrame) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from noisy_student.report import PSEUDO_LABEL_ACCURACY_NOTE
+    from noisy_student.report import PSEUDO_LABEL_ACCURACY_NOTE, labels_alone
 
-    out = Table(title="Noisy Student iterations", caption=PSEUDO_LABEL_ACCURACY_NOTE)
+    caption = "\n".join([*labels_alone(table), PSEUDO_LABEL_ACCURACY_NOTE])
+    out = Table(title="Noisy Student iterations", caption=caption)
     for column in (
         "iteration",
         "model",
@@ -50,7 +51,9 @@ def print_table(table: pd.DataFrame) -> None:
             str(row["iteration"]),
             row["model"],
             str(row["num_labeled"]),
-            str(row["num_pseudo_labeled"]),
+            "0: labels alone"
+            if row["iteration"] and not row["num_pseudo_labeled"]
+            else str(row["num_pseudo_labeled"]),
             "-" if pd.isna(pl) else f"{pl:.4f}",
             f"{row['val_accuracy']:.4f}",
             f"{row['test_accuracy']:.4f}",

@@ -498,8 +498,10 @@ def _write_labels(
     cfg: Config, layout: RunLayout, iteration: int, parts: list, stats: list[dict]
 ) -> Path:
     """The reduce's output: the manifest students read and its metrics."""
-    num_classes = len(read_json(layout.splits / METRICS)["classes"])
-    manifest, reduced = reduce_shards(parts, stats, num_classes, cfg.pseudo_label.balance)
+    splits = read_json(layout.splits / METRICS)
+    manifest, reduced = reduce_shards(
+        parts, stats, len(splits["classes"]), cfg.pseudo_label.balance
+    )
     metrics = {
         "iteration": iteration,
         "teacher_iteration": _teacher(cfg, layout, iteration)[0],
@@ -515,6 +517,13 @@ def _write_labels(
         metrics["pool_size"],
         metrics["pseudo_label_accuracy"],
     )
+    if manifest.empty:  # nothing above the threshold: no self-training in this iteration
+        log.warning(
+            "0 pseudo-labels above %g: student-%d learns from the %d labels alone",
+            cfg.pseudo_label.threshold,
+            iteration,
+            splits["labeled"],
+        )
     return out
 
 
