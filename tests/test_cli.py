@@ -8,11 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from PIL import Image
 
+from noisy_student import pipeline
 from noisy_student.config import load_config
-from noisy_student.io import read_json
+from noisy_student.io import read_json, write_json
+from noisy_student.runs import RunLayout
+from tests.test_preflight import params, refused
 
 
 def make_tree(root: Path) -> None:
@@ -132,3 +136,158 @@ def test_fixmatch_teacher_trains_on_an_imagefolder_pool_through_the_cli(tmp_path
     assert read_json(models / "iter_0" / "metrics.json")["num_labeled"] == 19
     student = read_json(models / "iter_1" / "metrics.json")
     assert student["teacher_iteration"] == 0 and student["num_pseudo_labeled"] == 10
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, digits_root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A params file and a run directory holding the splits only (prepare ran, no model),
+    with MLflow off: the arguments every command of a test takes."""
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "off")
+    path = params(tmp_path, digits_root)
+    args = ["--params", str(path), "--run-dir", str(tmp_path / "run")]
+    pipeline.prepare(load_config(path), RunLayout(tmp_path / "run"))
+    return args
+
+
+def test_misuse_of_the_command_line_is_one_line(
+    prepared: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each refused in one line naming the flag or file and what to do, exit 2, before any
+    work: nothing is written."""
+    before = sorted((tmp_path / "run").rglob("*"))
+    for argv, expected in (
+        (["train", "--iteration", "5"], "train: --iteration 5: allowed: 0..2 (0: the teacher"),
+        (["pseudo-label", "--iteration", "0"], "pseudo-label: --iteration 0: allowed: 1..2"),
+        (
+            ["train", "--iteration", "1"],
+            "train: student 1 has no pseudo-labels ("
+            f"{tmp_path / 'run' / 'pseudo' / 'iter_1' / 'pseudo_labels.parquet'}): "
+            "run `noisy-student pseudo-label --iteration 1`",
+        ),
+        (
+            ["pseudo-label", "--iteration", "1"],
+            "pseudo-label: the teacher (iteration 0) has no model (",
+        ),
+        (["pseudo-label", "--iteration", "1", "--merge", "2"], "run `noisy-student train"),
+        (["data", "fetch", "--source", "bogus"], "data fetch --source bogus: unknown data source"),
+    ):
+        refused(capsys, [*prepared, *argv], expected)
+    assert sorted((tmp_path / "run").rglob("*")) == before
+    (tmp_path / "afile").write_text("")
+    for run_dir in ("afile", "afile/below"):
+        refused(
+            capsys,
+            [*prepared, "--run-dir", str(tmp_path / run_dir), "prepare"],
+            f"prepare: --run-dir {tmp_path / run_dir}: {tmp_path / 'afile'} is a file; "
+            "allowed: a folder",
+        )
+    refused(
+        capsys,
+        [*prepared, "--run-dir", str(tmp_path / "empty"), "train", "--iteration", "0"],
+        "train: the run has no splits (",
+        "run `noisy-student prepare`",
+    )
+
+
+def test_report_or_show_of_an_unfinished_run_names_the_step_to_run(
+    prepared: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    refused(capsys, [*prepared, "show"], "show: the run has no report (", "`noisy-student report`")
+    refused(
+        capsys,
+        [*prepared, "report"],
+        "report: the teacher (iteration 0) has no model (",
+        "run `noisy-student train --iteration 0`",
+    )
+    # Finished steps faked by their metrics: the report names the first step not run.
+    write_json(run / "models" / "iter_0" / "metrics.json", {"promoted": True})
+    refused(capsys, [*prepared, "report"], "run `noisy-student pseudo-label --iteration 1`")
+    write_json(run / "pseudo" / "iter_1" / "metrics.json", {})
+    refused(
+        capsys,
+        [*prepared, "report"],
+        f"report: iteration 1 has no model ({run / 'models' / 'iter_1' / 'metrics.json'}): "
+        "run `noisy-student train --iteration 1`",
+    )
+    assert not (run / "report").exists()
+
+
+def test_a_step_run_too_early_is_one_line_through_the_command_line(
+    prepared: list[str], tmp_path: Path
+) -> None:
+    """What a DVC stage runs: the real process."""
+    result = cli(*prepared, "train", "--iteration", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"noisy-student: train: student 1 has no pseudo-labels "
+        f"({tmp_path / 'run' / 'pseudo' / 'iter_1' / 'pseudo_labels.parquet'}): "
+        "run `noisy-student pseudo-label --iteration 1`"
+    ]
+
+
+def test_a_prefect_task_run_too_early_fails_with_the_same_line(
+    prepared: list[str], tmp_path: Path
+) -> None:
+    from tasks.steps import train
+
+    cfg = load_config(prepared[1])
+    with pytest.raises(FileNotFoundError) as err:
+        train.fn(cfg.model_dump(mode="json"), str(tmp_path / "run"), 1)
+    assert str(err.value) == (
+        f"student 1 has no pseudo-labels "
+        f"({tmp_path / 'run' / 'pseudo' / 'iter_1' / 'pseudo_labels.parquet'}): "
+        "run `noisy-student pseudo-label --iteration 1`"
+    )
+
+
+def test_class_names_that_read_as_mathtext_are_drawn_as_they_are(tmp_path: Path) -> None:
+    """Folder names with `$`, `_`, `^`, a backslash: every figure naming classes is written
+    (matplotlib's mathtext failed the figure on `$\\notacommand$` and garbled `$x^2$`)."""
+    from noisy_student.report import (
+        write_class_counts_png,
+        write_confusion_matrix_png,
+        write_per_class_accuracy_png,
+        write_sample_grid_png,
+    )
+
+    classes = ["$\\notacommand$", "$x^2$", "a_b^c", "50$ bill", "$"]
+    n = len(classes)
+    write_per_class_accuracy_png(tmp_path / "a.png", [0.5] * n, classes)
+    write_confusion_matrix_png(tmp_path / "b.png", np.eye(n, dtype=np.int64), classes)
+    write_class_counts_png(tmp_path / "c.png", [1] * n, [1] * n, classes)
+    images = np.zeros((n, 1, 8, 8), dtype=np.uint8)
+    write_sample_grid_png(tmp_path / "d.png", images, list(range(n)), [0.9] * n, classes)
+    for name in "abcd":
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_deleted_mlflow_experiment_is_one_line_saying_how_to_restore_it(
+    prepared: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deleted in the UI, then a step run again: refused before training, naming the
+    experiment and the command that restores it; restored, the step finds it again."""
+    from noisy_student.tracking import use_experiment
+    from tests.test_tracking import mlflow_store
+
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "on")
+    name = load_config(prepared[1]).tracking.experiment
+    with mlflow_store(tmp_path) as client:
+        experiment_id = use_experiment(name)
+        client.delete_experiment(experiment_id)
+        capsys.readouterr()  # MLflow's own lines on creating the store
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        refused(
+            capsys,
+            [*prepared, "train", "--iteration", "0"],
+            f"train: tracking.experiment: the MLflow experiment {name!r} (id {experiment_id}) "
+            f"is deleted in {uri}; restore it with `MLFLOW_TRACKING_URI={uri} mlflow "
+            f"experiments restore --experiment-id {experiment_id}`, or set tracking.experiment "
+            "to another name",
+        )
+        assert not (tmp_path / "run" / "models").exists()
+        client.restore_experiment(experiment_id)
+        assert use_experiment(name) == experiment_id

@@ -318,3 +318,105 @@ def test_a_registered_model_name_cannot_change_a_search_filter(planted: Planted)
             search()
     assert name_filter("planted") == "name = 'planted'"
     assert version_of_file(client, "planted", "0" * 64) is None  # a real search, nothing found
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Weights of another width under a width-1 config, or with a key missing: one line
+    naming the file (torch's load_state_dict raised a RuntimeError of a line per key)."""
+    ckpt = save_checkpoint(build_model(num_classes=3, in_channels=1))
+    wider = {
+        **ckpt,
+        "state_dict": build_model(num_classes=3, in_channels=1, width=2.0).state_dict(),
+    }
+    save_torch(tmp_path / "wider.pt", wider)
+    state = dict(ckpt["state_dict"])
+    del state["head.3.weight"]
+    save_torch(tmp_path / "missing.pt", {**ckpt, "state_dict": state})
+    for name, message in (
+        ("wider.pt", r"tensors of another shape \(first: stem.0.weight \(32, 1, 3, 3\) != \(16,"),
+        ("missing.pt", r"1 missing keys \(first: head.3.weight\)"),
+    ):
+        path = tmp_path / name
+        with pytest.raises(CheckpointError, match=message) as err:
+            load_checkpoint(str(path))
+        assert str(err.value).startswith(f"{path}: its weights do not fit the model (small_resnet")
+        assert cli.main(["predict", "--model", str(path), str(tmp_path)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert "do not fit the model" in line and str(path) in line
+
+
+def test_a_planted_or_mismatched_teacher_is_refused_in_one_line_by_every_step_loading_it(
+    tmp_path: Path,
+    digits_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The teacher's model.pt swapped for a payload, a model of another width or of other
+    classes: labeling, a student starting from its teacher and online distillation each
+    refuse it in one line naming the file, exit 2, before training; the payload never runs."""
+    from noisy_student import pipeline
+    from noisy_student.io import write_parquet
+    from noisy_student.runs import RunLayout
+    from noisy_student.shards import empty_manifest
+    from tests.test_preflight import params, refused
+
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "off")
+    marker = tmp_path / "PAYLOAD_RAN"
+    for change in ("init", "online"):
+        (tmp_path / change).mkdir()
+    layout = RunLayout(tmp_path / "run")
+    plain = params(tmp_path, digits_root)
+    pipeline.prepare(load_config(plain), layout)
+    write_parquet(layout.pseudo_dir(1) / "pseudo_labels.parquet", empty_manifest("soft", 10))
+    teacher = layout.model_dir(0) / "model.pt"
+    teacher.parent.mkdir(parents=True)
+    run = ["--run-dir", str(layout.root)]
+    steps = {
+        "labeling": ["--params", str(plain), *run, "pseudo-label", "--iteration", "1"],
+        **{
+            change: [
+                "--params",
+                str(
+                    params(
+                        tmp_path / change,
+                        digits_root,
+                        **{f"student.{key}": value, "iterations.2.width": 1.0},
+                    )
+                ),
+                *run,
+                "train",
+                "--iteration",
+                "1",
+            ]
+            for change, key, value in (
+                ("init", "init", "teacher"),
+                ("online", "distillation", "online"),
+            )
+        },
+    }
+    plants = {
+        "payload": (Payload(marker), "refused, it holds more than tensors and numbers"),
+        "3 classes": (
+            save_checkpoint(build_model(num_classes=3, in_channels=1)),
+            "a model of 3 classes and 1 channels; this run's data has 10 classes",
+        ),
+    }
+    for what, (content, message) in plants.items():
+        torch.save(content, teacher)
+        for step, argv in steps.items():
+            line = refused(capsys, argv, f"{teacher}: ", message)
+            assert line.startswith("noisy-student: "), (what, step)
+    wider = save_checkpoint(build_model(num_classes=10, in_channels=1, width=2.0))
+    torch.save(wider, teacher)
+    refused(
+        capsys,
+        steps["init"],
+        f"{teacher} (student.init: teacher): its weights do not fit the model (small_resnet, "
+        "width 1, depth 1)",
+    )
+    assert not marker.exists()
+    assert (
+        not (layout.model_dir(1)).exists() and not (layout.pseudo_dir(1) / "metrics.json").exists()
+    )

@@ -202,6 +202,44 @@ def test_merge_names_the_missing_corrupt_or_stale_shard(
     merge_shards(cfg, layout, 1, 4)
 
 
+def test_merge_refuses_statistics_of_another_shape(
+    taught: tuple[Config, RunLayout],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Valid JSON that is no shard's statistics: one line naming the file and what is
+    wrong, exit 2 (before: a KeyError or TypeError inside the reduce, or a wrong sum)."""
+    monkeypatch.setenv("NOISY_STUDENT_MLFLOW", "off")
+    cfg, layout = taught
+    out = layout.pseudo_dir(1)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for index in range(2):
+        label_shard(cfg, layout, 1, Shard(index, 2))
+    stats = stats_path(out, Shard(1, 2))
+    good = read_json(stats)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    argv = ["--params", str(params), "--run-dir", str(layout.root), "pseudo-label"]
+    for bad, problem in (
+        ([good], "a JSON list, expected an object"),
+        ({k: v for k, v in good.items() if k != "start"}, "'start' is None, expected a count"),
+        ({**good, "key": 7}, "no string 'key'"),
+        ({**good, "rows": "12"}, "'rows' is '12', expected a count"),
+        ({**good, "scored": {"0": 1}}, "'scored' is not a list of per-class counts"),
+        ({**good, "confidence_sum": [0.5] * 10}, "'confidence_sum' is not a list of"),
+        ({**good, "correct": good["correct"][:3]}, "'correct' has 3 classes, expected 10"),
+    ):
+        write_json(stats, bad)
+        with pytest.raises(ShardError, match="shard 1/2: shards/stats-00001-of-00002.json is not"):
+            merge_shards(cfg, layout, 1, 2)
+        capsys.readouterr()
+        assert main([*argv, "--iteration", "1", "--merge"]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("noisy-student: pseudo-label: shard 1/2: ") and problem in line
+    shutil.rmtree(out / "shards")
+
+
 def test_cli_labels_shards_and_merges_them(
     taught: tuple[Config, RunLayout],
     tmp_path: Path,
@@ -242,3 +280,43 @@ def test_run_options_that_cannot_work_are_one_line() -> None:
     with pytest.raises(ValueError, match=r"task_runner 'dask': allowed: local, ray"):
         task_runner("dask", None)
     check_ray_address("auto")
+
+
+def test_a_teacher_keeping_no_pseudo_label_says_the_student_learns_from_labels_alone(
+    taught: tuple[Config, RunLayout],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """In the labeling step's log, in `show`'s table and under the report's table."""
+    from noisy_student.cli import print_table
+    from noisy_student.report import write_report
+
+    cfg, layout = taught
+    cfg = _with(cfg, threshold=1.0)
+    out = tmp_path / "run"
+    shutil.copytree(layout.root, out)
+    with caplog.at_level("WARNING", logger="noisy_student.pipeline"):
+        label_pool(cfg, RunLayout(out), 1)
+    assert "0 pseudo-labels above 1: student-1 learns from the 50 labels alone" in caplog.text
+    assert read_json(RunLayout(out).pseudo_dir(1) / METRICS)["num_pseudo_labeled"] == 0
+    table = pd.DataFrame(
+        {
+            "iteration": [0, 1],
+            "model": ["teacher", "student-1"],
+            "num_labeled": [50, 50],
+            "num_pseudo_labeled": [0, 0],
+            "pseudo_label_accuracy": [None, None],
+            "val_accuracy": [0.5, 0.5],
+            "test_accuracy": [0.5, 0.5],
+            "teacher_iteration": pd.array([None, 0], dtype="Int64"),
+            "promoted": [True, False],
+        }
+    )
+    note = "student-1: 0 pseudo-labels above pseudo_label.threshold; it learned from the 50"
+    print_table(table)
+    shown = capsys.readouterr().out
+    assert "0: labels alone" in shown and note in " ".join(shown.split())
+    write_report(tmp_path / "report", "run", "a run", table, {})
+    assert note in (tmp_path / "report" / "report.md").read_text()
+    assert note in (tmp_path / "report" / "report.html").read_text()

@@ -19,19 +19,26 @@ from noisy_student.config import Config, ConfigError, load_config
 from noisy_student.data import fetch, source_options
 from noisy_student.distributed import drop_stray_launch_variables, launched_by_torchrun
 from noisy_student.io import DiskFull
+from noisy_student.models import CheckpointError
 from noisy_student.preflight import preflight
-from noisy_student.runs import RunLayout
+from noisy_student.runs import NotYetRun, RunLayout
 from noisy_student.shards import ShardError, parse_shard
 from noisy_student.signals import Stopped, stop_on_signals
+
+# What the library raises for input it refuses (a flag, a planted or stale file, a step run
+# before the steps it reads from, a run directory another command is writing): caught
+# once, in ``main``, as one line and exit 2.
+REFUSED = (ConfigError, CheckpointError, ShardError, NotYetRun, runs.RunDirectoryBusy)
 
 
 def print_table(table: pd.DataFrame) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from noisy_student.report import PSEUDO_LABEL_ACCURACY_NOTE
+    from noisy_student.report import PSEUDO_LABEL_ACCURACY_NOTE, labels_alone
 
-    out = Table(title="Noisy Student iterations", caption=PSEUDO_LABEL_ACCURACY_NOTE)
+    caption = "\n".join([*labels_alone(table), PSEUDO_LABEL_ACCURACY_NOTE])
+    out = Table(title="Noisy Student iterations", caption=caption)
     for column in (
         "iteration",
         "model",
@@ -49,7 +56,9 @@ def print_table(table: pd.DataFrame) -> None:
             str(row["iteration"]),
             row["model"],
             str(row["num_labeled"]),
-            str(row["num_pseudo_labeled"]),
+            "0: labels alone"
+            if row["iteration"] and not row["num_pseudo_labeled"]
+            else str(row["num_pseudo_labeled"]),
             "-" if pd.isna(pl) else f"{pl:.4f}",
             f"{row['val_accuracy']:.4f}",
             f"{row['test_accuracy']:.4f}",
@@ -346,21 +355,17 @@ def _pseudo_label(
 ) -> int:
     """The whole pool in this process (``label``), one shard of it (``--shard``: a part,
     recorded by the merge), or the reduce of the shards' parts (``--merge``, recorded in
-    MLflow when ``entry_point`` is set); a bad shard spec or part is one line on stderr."""
-    try:
-        if args.shard is not None:
-            pipeline.label_shard(cfg, layout, args.iteration, parse_shard(args.shard))
-        elif args.merge is not None:
-            pipeline.merge_shards(cfg, layout, args.iteration, args.merge or None)
-            if entry_point is not None:
-                from noisy_student import records
+    MLflow when ``entry_point`` is set)."""
+    if args.shard is not None:
+        pipeline.label_shard(cfg, layout, args.iteration, parse_shard(args.shard))
+    elif args.merge is not None:
+        pipeline.merge_shards(cfg, layout, args.iteration, args.merge or None)
+        if entry_point is not None:
+            from noisy_student import records
 
-                records.record_pseudo_labels(cfg, layout, args.iteration, entry_point)
-        else:
-            label(cfg, layout, args.iteration)
-    except ShardError as err:
-        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
-        return 2
+            records.record_pseudo_labels(cfg, layout, args.iteration, entry_point)
+    else:
+        label(cfg, layout, args.iteration)
     return 0
 
 
@@ -406,13 +411,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             ", ".join(stray),
         )
     progress.configure(quiet=args.quiet)
+    try:
+        return _run_command(args)
+    except storage.StorageError as err:  # names its URL first
+        print(f"noisy-student: {err}", file=sys.stderr)
+    except REFUSED as err:
+        command = "data fetch" if args.command == "data" else args.command
+        print(f"noisy-student: {command}: {err}", file=sys.stderr)
+    return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     step = _staged_step(args)
     if step is not None:  # a command on a run directory: named strictly, before any work
-        try:
-            args.run_dir = storage.run_location(args.run_dir, "--run-dir")
-        except storage.StorageError as err:
-            print(f"noisy-student: {err}", file=sys.stderr)
-            return 2
+        args.run_dir = storage.run_location(args.run_dir, "--run-dir")
     if step is None or not storage.is_remote(args.run_dir):
         return _main(args)
     # A run directory on an object store: this step works on a local copy of what it
@@ -428,12 +440,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             code = _main(argparse.Namespace(**{**vars(args), **local}))
             if code:
                 raise _Failed(code)
-    except ShardError as err:
-        print(f"noisy-student: pseudo-label: {err}", file=sys.stderr)
-        return 2
-    except storage.StorageError as err:
-        print(f"noisy-student: {err}", file=sys.stderr)
-        return 2
     except _Failed as failed:
         return failed.args[0]
     return 0
@@ -449,6 +455,8 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"noisy-student: {err}", file=sys.stderr)
         return 2
+    if args.command not in ("data", "validate"):
+        _check_run_dir(args.run_dir)
     layout = RunLayout(Path(args.run_dir), origin=args.run_origin)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
         print(
@@ -456,12 +464,8 @@ def _main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        with _run_dir_lock(args, layout):
-            return _command(args, cfg, layout)
-    except runs.RunDirectoryBusy as err:
-        print(f"noisy-student: {args.command}: {err}", file=sys.stderr)
-        return 2
+    with _run_dir_lock(args, layout):
+        return _command(args, cfg, layout)
 
 
 def _run_dir_lock(args: argparse.Namespace, layout: RunLayout) -> AbstractContextManager:
@@ -480,15 +484,16 @@ def _command(args: argparse.Namespace, cfg: Config, layout: RunLayout) -> int:
     """The command ``args`` names, on the checked ``cfg`` and ``layout``."""
     if args.command == "data":
         source = args.source or cfg.data.source
-        options = {
-            key: value
-            for key in source_options(source)
-            if (value := getattr(cfg.data, key, None)) is not None
-        }
         try:
+            options = {
+                key: value
+                for key in source_options(source)
+                if (value := getattr(cfg.data, key, None)) is not None
+            }
             folder = fetch(source, args.root or cfg.data.root, **options)
         except (OSError, RuntimeError, ValueError) as err:
-            print(f"noisy-student: data fetch {source}: {err}", file=sys.stderr)
+            given = f"--source {source}" if args.source else source
+            print(f"noisy-student: data fetch {given}: {err}", file=sys.stderr)
             return 2
         print(folder)
         skipped = folder / "skipped.json"
@@ -510,8 +515,25 @@ def _command(args: argparse.Namespace, cfg: Config, layout: RunLayout) -> int:
     elif args.command in ("train", "pseudo-label", "report", "run"):
         return _step(args, cfg, layout)
     elif args.command == "show":
+        layout.require(layout.report / "iterations.csv")
         print_table(pd.read_csv(layout.report / "iterations.csv"))
     return 0
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """A local ``--run-dir`` must be a folder or a path a folder can be made at: a file
+    there, or above it, is refused before any step writes."""
+    if storage.is_remote(run_dir):
+        return
+    path = Path(run_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"--run-dir {run_dir}: {folder} is a file; allowed: a folder (made when "
+                    "missing) for the run's outputs"
+                )
+            return
 
 
 if __name__ == "__main__":

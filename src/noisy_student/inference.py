@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from noisy_student.data.imagefolder import DECODE_ERRORS, decode_image
-from noisy_student.models import CheckpointError, build_model, read_checkpoint
+from noisy_student.models import CheckpointError, build_model, load_weights, read_checkpoint
 from noisy_student.progress import track
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def load_inference_model(source: str) -> InferenceModel:
         except CheckpointError as err:
             raise CheckpointError(str(err).replace(str(path), f"{source} ({path.name})")) from None
     model = build_model(**checkpoint["config"])
-    model.load_state_dict(checkpoint["state_dict"])
+    load_weights(model, checkpoint["state_dict"], source)
     classes = checkpoint.get("classes")
     if classes is None and source.startswith(MLFLOW_SCHEMES):
         classes = _run_classes(source)

@@ -5,6 +5,7 @@ stochastic depth on residual branches) built in and a ``config`` dict that rebui
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -344,7 +345,8 @@ def load_weights_only(path: str, map_location: str | torch.device = "cpu") -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's bold for terminals
+        first = text.splitlines()[0] if text else type(err).__name__
         raise CheckpointError(
             f"{path}: refused, it holds more than tensors and numbers (torch.load with "
             f"weights_only=True: {first})"
@@ -370,8 +372,41 @@ def load_checkpoint(
     stochastic depth (they have no weights). Checkpoints without an arch are small_resnet."""
     ckpt = read_checkpoint(path, map_location)
     model = build_model(**{**ckpt["config"], **noise})
-    model.load_state_dict(ckpt["state_dict"])
+    load_weights(model, ckpt["state_dict"], path)
     return model
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """``model.load_state_dict(state)``, with a file whose weights do not fit the model (a
+    checkpoint of another width, keys missing) refused in one CheckpointError line naming
+    ``source``, where torch raises a RuntimeError of one line per key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    problems = [
+        f"{len(found)} {what} (first: {found[0]})"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("tensors of another shape", reshaped),
+        )
+        if found
+    ]
+    if problems:
+        config = model.config
+        size = (
+            f", width {config['width']:g}, depth {config['depth']:g}" if "width" in config else ""
+        )
+        raise CheckpointError(
+            f"{source}: its weights do not fit the model ({config['arch']}{size}): "
+            f"{'; '.join(problems)}"
+        )
+    model.load_state_dict(state)
 
 
 def parameter_count(arch: str, width: float = 1.0, depth: float = 1.0) -> int:

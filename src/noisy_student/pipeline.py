@@ -34,7 +34,14 @@ from noisy_student.engine import (
 )
 from noisy_student.io import read_json, save_torch, write_csv, write_json, write_parquet
 from noisy_student.losses import student_loss
-from noisy_student.models import build_model, load_checkpoint, num_parameters, save_checkpoint
+from noisy_student.models import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    num_parameters,
+    save_checkpoint,
+)
 from noisy_student.pseudo_label import one_hot, pseudo_label, targets_from_manifest
 from noisy_student.report import (
     write_accuracy_by_iteration_png,
@@ -47,7 +54,9 @@ from noisy_student.runs import (
     MODEL,
     PER_CLASS,
     PSEUDO_LABELS,
+    SPLITS,
     RunLayout,
+    check_iteration,
     final_iteration,
     model_name,
     promotion,
@@ -131,6 +140,31 @@ def _split(layout: RunLayout, name: str) -> pd.DataFrame:
     return pd.read_parquet(layout.splits / f"{name}.parquet")
 
 
+def _require_splits(layout: RunLayout) -> None:
+    layout.require(*(layout.splits / f"{name}.parquet" for name in SPLITS), layout.splits / METRICS)
+
+
+def _pool_size(layout: RunLayout) -> int:
+    """Rows of the unlabeled manifest, read from its metadata (not its rows)."""
+    _require_splits(layout)
+    return pq.ParquetFile(layout.splits / "unlabeled.parquet").metadata.num_rows
+
+
+def _load_teacher(path: Path, data: ImageSet) -> nn.Module:
+    """The un-noised model in ``path`` that labels or distills for a student, refused in
+    one line naming the file when it was made for other classes or image channels (a
+    planted or stale file would otherwise fail deep inside a forward pass)."""
+    model = load_checkpoint(str(path), dropout=0.0, stochastic_depth=0.0)
+    classes, channels = model.config["num_classes"], model.config["in_channels"]
+    if (classes, channels) != (len(data.classes), data.images.shape[1]):
+        raise CheckpointError(
+            f"{path}: a model of {classes} classes and {channels} channels; this run's data "
+            f"has {len(data.classes)} classes and {data.images.shape[1]} channels: train it "
+            "again"
+        )
+    return model
+
+
 def _column(frame: pd.DataFrame, name: str) -> torch.Tensor:
     """A manifest column as a tensor (a copy: parquet-backed arrays are read-only)."""
     return torch.tensor(frame[name].to_numpy())
@@ -183,6 +217,10 @@ def train(
     or as one rank of a data-parallel job (torchrun, Ray Train): rank 0 alone writes.
     ``on_epoch`` gets each epoch's history record as it completes, fine-tune epochs
     numbered on (on rank 0 only)."""
+    check_iteration(cfg, iteration)
+    _require_splits(layout)
+    if iteration > 0:
+        layout.require(layout.pseudo_dir(iteration) / PSEUDO_LABELS)
     device = select_device(cfg.device)
     with (
         precision(cfg.precision),
@@ -236,13 +274,11 @@ def _train(
         loss_fn = student_loss(sc.distillation, sc.alpha, cfg.pseudo_label.temperature)
         ratio = sc.unlabeled_ratio
         if sc.init == "teacher" or sc.distillation == "online":
-            source = load_checkpoint(
-                str(layout.model_dir(teacher_iteration) / MODEL),
-                dropout=0.0,
-                stochastic_depth=0.0,
-            )
+            path = layout.model_dir(teacher_iteration) / MODEL
+            layout.require(path)
+            source = _load_teacher(path, data)
             if sc.init == "teacher":  # a copy: the student's own noise is kept
-                model.load_state_dict(source.state_dict())
+                load_weights(model, source.state_dict(), f"{path} (student.init: teacher)")
                 log.info("%s starts from model %d", model_name(iteration, spec), teacher_iteration)
             if sc.distillation == "online":
                 teacher = source
@@ -413,7 +449,9 @@ def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def _teacher(cfg: Config, layout: RunLayout, iteration: int) -> tuple[int, Path]:
     """The iteration and checkpoint of the model that labels the pool for ``iteration``."""
     teacher_iteration = teacher_of(cfg, layout, iteration)
-    return teacher_iteration, layout.model_dir(teacher_iteration) / MODEL
+    checkpoint = layout.model_dir(teacher_iteration) / MODEL
+    layout.require(checkpoint)
+    return teacher_iteration, checkpoint
 
 
 def _label_slice(
@@ -421,11 +459,12 @@ def _label_slice(
 ) -> tuple[pd.DataFrame, dict, str]:
     """The map: label ``shard``'s slice of the pool; return its part, its statistics and
     the key every part of this labeling shares."""
+    check_iteration(cfg, iteration, first=1)
     seed_everything(cfg.seed + iteration)
     device = select_device(cfg.device)
+    pool_size = _pool_size(layout)
     data = load_images(cfg.data.source, cfg.data.root)
     pool_file = layout.splits / "unlabeled.parquet"
-    pool_size = pq.ParquetFile(pool_file).metadata.num_rows
     if pool_size == 0:
         raise ValueError("the unlabeled pool is empty: nothing to pseudo-label")
     start, stop = shard.rows(pool_size)
@@ -434,7 +473,7 @@ def _label_slice(
     pc, num_classes = cfg.pseudo_label, len(data.classes)
     manifest = empty_manifest(pc.mode, num_classes)
     if len(pool):
-        teacher = load_checkpoint(str(checkpoint), dropout=0.0, stochastic_depth=0.0)
+        teacher = _load_teacher(checkpoint, data)
         with precision(cfg.precision):
             manifest = pseudo_label(
                 teacher,
@@ -459,8 +498,10 @@ def _write_labels(
     cfg: Config, layout: RunLayout, iteration: int, parts: list, stats: list[dict]
 ) -> Path:
     """The reduce's output: the manifest students read and its metrics."""
-    num_classes = len(read_json(layout.splits / METRICS)["classes"])
-    manifest, reduced = reduce_shards(parts, stats, num_classes, cfg.pseudo_label.balance)
+    splits = read_json(layout.splits / METRICS)
+    manifest, reduced = reduce_shards(
+        parts, stats, len(splits["classes"]), cfg.pseudo_label.balance
+    )
     metrics = {
         "iteration": iteration,
         "teacher_iteration": _teacher(cfg, layout, iteration)[0],
@@ -476,6 +517,13 @@ def _write_labels(
         metrics["pool_size"],
         metrics["pseudo_label_accuracy"],
     )
+    if manifest.empty:  # nothing above the threshold: no self-training in this iteration
+        log.warning(
+            "0 pseudo-labels above %g: student-%d learns from the %d labels alone",
+            cfg.pseudo_label.threshold,
+            iteration,
+            splits["labeled"],
+        )
     return out
 
 
@@ -493,7 +541,7 @@ def label_shard(
     """Label one shard of the pool for student ``iteration`` and write its part and
     statistics under the pseudo-label directory (``worker``: where it ran, recorded)."""
     part, stats, key = _label_slice(cfg, layout, iteration, shard)
-    pool_size = pq.ParquetFile(layout.splits / "unlabeled.parquet").metadata.num_rows
+    pool_size = _pool_size(layout)
     log.info("shard %s of the pool for student %d: kept %d", shard, iteration, len(part))
     return write_shard(
         layout.pseudo_dir(iteration), shard, part, stats, key, shard.rows(pool_size), worker
@@ -503,6 +551,7 @@ def label_shard(
 def merge_shards(cfg: Config, layout: RunLayout, iteration: int, count: int | None = None) -> Path:
     """The reduce over the parts of ``count`` shards (default: the one count whose parts
     are present): the manifest and metrics ``label_pool`` writes, byte for byte."""
+    check_iteration(cfg, iteration, first=1)
     out = layout.pseudo_dir(iteration)
     if count is None:
         counts = shard_counts(out)
@@ -513,7 +562,7 @@ def merge_shards(cfg: Config, layout: RunLayout, iteration: int, count: int | No
                 f"found counts: {found}; pass the count"
             )
         count = counts[0]
-    pool_size = pq.ParquetFile(layout.splits / "unlabeled.parquet").metadata.num_rows
+    pool_size = _pool_size(layout)
     _, checkpoint = _teacher(cfg, layout, iteration)
     key = shard_key(cfg.pseudo_label, cfg.seed + iteration, file_md5(checkpoint), pool_size)
     parts, stats = read_shards(out, count, key, pool_size)
@@ -550,6 +599,10 @@ def summarize(cfg: Config, layout: RunLayout) -> pd.DataFrame:
         "teacher_iteration",
         "promoted",
     )
+    for iteration in range(len(cfg.iterations) + 1):  # the first step not run, named
+        if iteration > 0:  # its pseudo-labels come first
+            layout.require(layout.pseudo_dir(iteration) / METRICS)
+        layout.require(layout.model_dir(iteration) / METRICS)
     rows = []
     for iteration in range(len(cfg.iterations) + 1):
         m = read_json(layout.model_dir(iteration) / METRICS)
@@ -564,6 +617,7 @@ def summarize(cfg: Config, layout: RunLayout) -> pd.DataFrame:
     out = layout.report
     write_csv(out / "iterations.csv", table.drop(columns="train_seconds"))
     final = final_iteration(table)
+    layout.require(layout.model_dir(final) / PER_CLASS)
     per_class = pd.read_csv(layout.model_dir(final) / PER_CLASS)
     write_csv(out / PER_CLASS, per_class)
     first, last = rows[0], rows[final]

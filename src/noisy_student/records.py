@@ -51,7 +51,15 @@ from noisy_student.registry import (
     version_of_file,
 )
 from noisy_student.report import markdown_table
-from noisy_student.runs import HISTORY, METRICS, MODEL, PSEUDO_LABELS, RunLayout, final_iteration
+from noisy_student.runs import (
+    HISTORY,
+    METRICS,
+    MODEL,
+    PSEUDO_LABELS,
+    RunLayout,
+    check_iteration,
+    final_iteration,
+)
 from noisy_student.signals import Stopped
 from noisy_student.tracking import (
     _flat,
@@ -297,6 +305,7 @@ def _train_params(cfg: Config, layout: RunLayout, iteration: int) -> dict[str, A
             "method": tc.method,
             **(consistency if tc.method == "fixmatch" else {}),
         }
+    layout.require(layout.pseudo_dir(iteration) / METRICS)
     pseudo = read_json(layout.pseudo_dir(iteration) / METRICS)
     return params | {
         "augment": "strong",
@@ -380,6 +389,7 @@ def train_step(
     extra_tags: dict[str, str] | None = None,
 ) -> Path:
     """``pipeline.train``, recorded live in its child run."""
+    check_iteration(cfg, iteration)  # before a record is opened for a model of no params
     if not enabled():
         return pipeline.train(cfg, layout, iteration)
     records = open_records(cfg, layout, entry_point, extra_tags)
@@ -429,6 +439,7 @@ def label_step(
     extra_tags: dict[str, str] | None = None,
 ) -> Path:
     """``pipeline.label_pool``, recorded in its child run."""
+    check_iteration(cfg, iteration, first=1)
     if not enabled():
         return pipeline.label_pool(cfg, layout, iteration)
     records = open_records(cfg, layout, entry_point, extra_tags)

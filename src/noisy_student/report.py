@@ -61,6 +61,17 @@ PSEUDO_LABEL_ACCURACY_NOTE = (
 )
 
 
+def labels_alone(table: pd.DataFrame) -> list[str]:
+    """A sentence for each student that had no pseudo-label to learn from (its teacher
+    kept none above the threshold), which a table of numbers alone does not say."""
+    rows = table[(table["iteration"] > 0) & (table["num_pseudo_labeled"] == 0)]
+    return [
+        f"{row['model']}: 0 pseudo-labels above pseudo_label.threshold; it learned from the "
+        f"{row['num_labeled']} labels alone."
+        for row in rows.to_dict("records")
+    ]
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """The table as GitHub markdown, floats to 4 decimals, missing values as ``-``."""
     cells = frame.astype(object).where(frame.notna(), None)  # tabulate marks only None missing
@@ -74,12 +85,18 @@ def _save(fig: Figure, path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=DPI)
 
 
+# Class names are the user's folder names, shown as they are: matplotlib would read
+# `$x^2$` as mathtext (garbled) and fail the whole figure on `$\foo$` (a ValueError).
+_PLAIN_TEXT = {"parse_math": False}
+
+
 def _class_axis(ax: Axes, classes: Sequence[str], axis: str = "x") -> None:
     ticks = np.arange(len(classes))
     if axis == "x":
-        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0, fontsize=7)
+        rotation = 90 if len(classes) > 10 else 0
+        ax.set_xticks(ticks, classes, rotation=rotation, fontsize=7, **_PLAIN_TEXT)
     else:
-        ax.set_yticks(ticks, classes, fontsize=7)
+        ax.set_yticks(ticks, classes, fontsize=7, **_PLAIN_TEXT)
 
 
 def write_confusion_matrix_png(
@@ -170,7 +187,7 @@ def write_sample_grid_png(
             ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
         else:
             ax.imshow(np.transpose(image, (1, 2, 0)))
-        ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6)
+        ax.set_title(f"{classes[int(label)]} {conf:.2f}", fontsize=6, **_PLAIN_TEXT)
     _save(fig, path)
 
 
@@ -213,7 +230,8 @@ def write_report(
     the figures embedded, so it can be mailed or opened from an artifact store as is.
     ``figures`` maps a PNG file name in ``out`` to its caption."""
     out = Path(out)
-    md = [f"# {title}", "", description, "", markdown_table(table), PSEUDO_LABEL_ACCURACY_NOTE, ""]
+    notes = [*labels_alone(table), PSEUDO_LABEL_ACCURACY_NOTE]
+    md = [f"# {title}", "", description, "", markdown_table(table), *notes, ""]
     page = [
         "<!DOCTYPE html>",
         '<html><head><meta charset="utf-8">',
@@ -224,7 +242,7 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(description)}</p>",
         table.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}", border=0),
-        f"<p><small>{html.escape(PSEUDO_LABEL_ACCURACY_NOTE)}</small></p>",
+        *(f"<p><small>{html.escape(note)}</small></p>" for note in notes),
     ]
     for name, caption in figures.items():
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]

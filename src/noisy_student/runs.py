@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from noisy_student.config import Config, ModelSpec
+from noisy_student.config import Config, ConfigError, ModelSpec
 from noisy_student.io import read_json
 
 MODEL = "model.pt"
@@ -55,6 +55,14 @@ def hold(root: Path, command: str, shared: bool = False) -> Iterator[None]:
         yield
 
 
+SPLITS = ("labeled", "unlabeled", "val", "test")
+
+
+class NotYetRun(FileNotFoundError):
+    """A file a step reads that no step has written yet: the message names the file and
+    the command that writes it, so a step run out of order says which one to run first."""
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Where each step's files live inside a run directory. ``origin`` is the run
@@ -88,6 +96,54 @@ class RunLayout:
     def report(self) -> Path:
         return self.root / "report"
 
+    def require(self, *paths: Path) -> None:
+        """Raise ``NotYetRun`` for the first of ``paths`` that does not exist, naming the
+        step that writes it (a user who runs steps out of order, or reports on an
+        unfinished run, learns what to run instead of reading a traceback)."""
+        for path in paths:
+            if not path.exists():
+                raise NotYetRun(self._missing(Path(path)))
+
+    def _missing(self, path: Path) -> str:
+        rel = path.relative_to(self.root)
+        shown = f"{self.origin.rstrip('/')}/{rel.as_posix()}" if self.origin else str(path)
+        top, *rest = rel.parts
+        iteration = rest[0].removeprefix("iter_") if rest else ""
+        if top == "models":
+            what = (
+                "the teacher (iteration 0) has"
+                if iteration == "0"
+                else f"iteration {iteration} has"
+            )
+            return f"{what} no model ({shown}): run `noisy-student train --iteration {iteration}`"
+        if top == "pseudo":
+            return (
+                f"student {iteration} has no pseudo-labels ({shown}): run "
+                f"`noisy-student pseudo-label --iteration {iteration}`"
+            )
+        if top == "report":
+            return f"the run has no report ({shown}): run `noisy-student report`"
+        return f"the run has no splits ({shown}): run `noisy-student prepare`"
+
+
+def check_iteration(cfg: Config, iteration: int, first: int = 0) -> None:
+    """``iteration`` must name a model of the params, ``first`` or later (pseudo-labels
+    are made for students only): otherwise a ConfigError naming ``--iteration``."""
+    last = len(cfg.iterations)
+    if first <= iteration <= last:
+        return
+    students = f"{_span(1, last)}: the students" if last else "no student"
+    allowed = _span(first, last) if first <= last else "none"
+    teacher = "0: the teacher" if first == 0 else "the teacher, 0, learns from labels only"
+    raise ConfigError(
+        f"--iteration {iteration}: allowed: {allowed} ({teacher}; {students} in the params' "
+        "`iterations`)"
+    )
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}..{last}"
+
 
 def model_name(iteration: int, spec: ModelSpec) -> str:
     role = "teacher" if iteration == 0 else f"student-{iteration}"
@@ -100,9 +156,11 @@ def teacher_of(cfg: Config, layout: RunLayout, iteration: int) -> int:
     """The model that teaches student ``iteration``: the model named by
     ``iterations.<i>.teacher`` if it was promoted, else the model that taught it (a student
     that did not beat its teacher under ``student.promote: if_better`` teaches no one)."""
+    check_iteration(cfg, iteration, first=1)
     named = cfg.iterations[iteration].teacher
     if named == 0:
         return 0
+    layout.require(layout.model_dir(named) / METRICS)
     metrics = read_json(layout.model_dir(named) / METRICS)
     return named if metrics["promoted"] else metrics["teacher_iteration"]
 

@@ -209,7 +209,13 @@ def read_shards(
                 f"shard {shard}: unreadable part or stats ({SHARDS}/{part_file.name}): "
                 f"{str(err).splitlines()[0]}; run it again"
             ) from None
-        if record.get("key") != key:
+        problem = _shape_problem(record, stats[0] if stats else None)
+        if problem:
+            raise ShardError(
+                f"shard {shard}: {SHARDS}/{stats_file.name} is not a shard's statistics "
+                f"({problem}); run it again"
+            )
+        if record["key"] != key:
             raise ShardError(
                 f"shard {shard}: made by another teacher or other pseudo_label params "
                 f"({SHARDS}/{stats_file.name}); run it again"
@@ -221,6 +227,37 @@ def read_shards(
         parts.append(part)
         stats.append(record)
     return parts, stats
+
+
+# What the reduce reads of a statistics file: a count, or one value per class.
+_COUNTS = ("start", "stop", "rows", "pool_size")
+_PER_CLASS = ("above_threshold", "scored", "correct", "confidence_sum")
+
+
+def _shape_problem(record: Any, first: dict[str, Any] | None) -> str | None:
+    """What makes ``record`` (a parsed statistics file) unfit for the reduce, if anything:
+    valid JSON of another shape would otherwise fail inside it as a KeyError or TypeError.
+    ``first``: the first shard's record, whose number of classes every shard shares."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, expected an object"
+    if not isinstance(record.get("key"), str):
+        return "no string 'key'"
+    for name in _COUNTS:
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name!r} is {value!r}, expected a count"
+    for name in _PER_CLASS:
+        values = record.get(name)
+        # confidence_sum: exact integers as decimal strings (too large for JSON numbers)
+        kind = str if name == "confidence_sum" else int
+        if not isinstance(values, list) or not all(
+            type(v) is kind and (kind is int or v.isdigit()) for v in values
+        ):
+            return f"{name!r} is not a list of per-class counts"
+        classes = len((first or record)["above_threshold"])
+        if len(values) != classes:
+            return f"{name!r} has {len(values)} classes, expected {classes}"
+    return None
 
 
 def reduce_shards(

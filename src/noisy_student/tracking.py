@@ -26,7 +26,7 @@ import torchvision
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
-from noisy_student.config import Config
+from noisy_student.config import Config, ConfigError
 from noisy_student.data import ImageSet
 from noisy_student.engine import precision, predict_proba, select_device
 from noisy_student.io import write_json, write_parquet
@@ -153,6 +153,15 @@ def use_experiment(name: str) -> str:
         if experiment is None:
             location = root.resolve().as_uri() if root is not None else None
             experiment_id = client.create_experiment(name, artifact_location=location)
+        elif experiment.lifecycle_stage == "deleted":
+            # Refused, not restored: the deletion was someone's choice, and MLflow keeps
+            # the name taken until the experiment is restored or purged (`mlflow gc`).
+            raise ConfigError(
+                f"tracking.experiment: the MLflow experiment {name!r} (id "
+                f"{experiment.experiment_id}) is deleted in {uri}; restore it with "
+                f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+                f"{experiment.experiment_id}`, or set tracking.experiment to another name"
+            )
         else:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
