@@ -34,6 +34,8 @@ from tests.conftest import TINY
 from tests.test_tracking import log, mlflow_store
 from tests.test_tracking import tiny_config as tracked_config
 
+pytestmark = pytest.mark.float_path  # `make test` runs it on both CPU float paths
+
 FIXMATCH = {
     "teacher.method": "fixmatch",
     "teacher.epochs": 2,

@@ -22,6 +22,8 @@ from noisy_student.engine import (
 )
 from noisy_student.losses import kd_loss, soft_cross_entropy, student_loss
 
+pytestmark = pytest.mark.float_path  # `make test` runs it on both CPU float paths
+
 
 def data(n_labeled: int, n_pseudo: int) -> TrainData:
     n = n_labeled + n_pseudo

@@ -133,6 +133,7 @@ def test_label_pool_balances_classes(tiny_config: Config, tmp_path: Path) -> Non
     assert len(manifest) == stats["num_pseudo_labeled"] == sum(after)
 
 
+@pytest.mark.float_path
 def test_label_pool_with_hflip_tta_averages_the_mirrored_views(
     tiny_config: Config, tmp_path: Path
 ) -> None:

@@ -18,6 +18,8 @@ from noisy_student.pseudo_label import (
     targets_from_manifest,
 )
 
+pytestmark = pytest.mark.float_path  # `make test` runs it on both CPU float paths
+
 
 class FixedLogits(nn.Module):
     """Returns preset logits for the images it is given, in order."""

@@ -14,6 +14,8 @@ from noisy_student.losses import soft_cross_entropy
 from noisy_student.models import backbone_parameters, build_model, head, head_name, save_checkpoint
 from noisy_student.transfer import apply_freeze, load_pretrained, optimizer_param_groups
 
+pytestmark = pytest.mark.float_path  # `make test` runs it on both CPU float paths
+
 
 def _trained_a_little(model: nn.Module, in_channels: int, size: int = 16) -> nn.Module:
     """Move the BatchNorm statistics off their initial values so copies are observable."""
