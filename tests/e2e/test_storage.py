@@ -135,9 +135,10 @@ def test_a_bucket_emptied_between_steps_names_the_missing_file_by_its_url(
     fs.rm(bucket, recursive=True)
     capsys.readouterr()
     assert main([*argv, "train", "--iteration", "0", "--no-mlflow"]) == 2
+    # named by its URL in the bucket (never the deleted staging copy), with the step to run
     assert capsys.readouterr().err.splitlines() == [
-        f"noisy-student: run directory {bucket}: train: {bucket}/splits/labeled.parquet is "
-        "missing (never written, or deleted from the store: run the steps before this one)"
+        f"noisy-student: train: the run has no splits ({bucket}/splits/labeled.parquet): "
+        "run `noisy-student prepare`"
     ]
     assert not fs.exists(f"{bucket}/models")
 
