@@ -40,9 +40,11 @@ lint: install
 	ruff check .
 	ruff format --check .
 
-# The suite on this CPU's float path, then the tests that assert what a model learned or
-# computed again on the other kind's (bf16 where this CPU computes fp32 under
-# `precision: auto`, fp32 where it computes bf16), so that CI holds on AMD and Intel alike.
+# The suite on this CPU's float path, in two processes (pytest-xdist: a test file stays on
+# one, the files that start Ray share one; the end-to-end tests mostly wait on servers and
+# subprocesses), then the tests that assert what a model learned or computed again on the
+# other kind's path (bf16 where this CPU computes fp32 under `precision: auto`, fp32 where it
+# computes bf16), so that CI holds on AMD and Intel alike.
 test: lint
-	pytest
+	pytest -n 2 --dist loadgroup
 	pytest -m float_path --cpu-bf16 other

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,27 @@ def pytest_configure(config: pytest.Config) -> None:
         choice = "off" if cpu_has_native_bf16() else "on"
     if choice != "native":
         os.environ[CPU_BF16_ENV] = "1" if choice == "on" else "0"
+    # Prefect's ephemeral API keeps its database under PREFECT_HOME: one for each test
+    # process, so that xdist's workers never share a SQLite file (nor the user's ~/.prefect).
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="noisy-student-prefect-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
+# Under pytest-xdist (`make test` runs `pytest -n 2 --dist loadgroup`) each test file runs
+# whole on one worker, so its module fixtures are built once; the files that start Ray share
+# one worker, since a Ray cluster writes its address where another cluster's driver would
+# find it.
+RAY_FILES = {"test_shards.py", "test_ddp.py", "test_scale.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = "ray" if item.path.name in RAY_FILES else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 TINY = {
