@@ -222,3 +222,20 @@ def test_train_on_a_full_disk_says_so_in_one_line(
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"noisy-student: train: {layout.model_dir(0) / MODEL}: the disk is full")
     assert not [p.name for p in layout.model_dir(0).iterdir() if MODEL in p.name]
+
+
+def test_a_step_stopped_by_an_orchestrators_cancellation_ends_killed(
+    tmp_path: Path, digits_root: Path
+) -> None:
+    """A Prefect flow run's steps run in its main thread, where a cancellation (SIGTERM from
+    the worker) raises Prefect's ``TerminationSignal``: the step's record and the parent
+    end KILLED, as under the CLI's own handler, never left RUNNING."""
+    from prefect.exceptions import TerminationSignal
+
+    cfg, layout = tiny_config(digits_root), RunLayout(tmp_path / "run")
+    pipeline.prepare(cfg, layout)
+    with mlflow_store(tmp_path) as client:
+        opened = records.open_records(cfg, layout, "prefect")
+        with pytest.raises(TerminationSignal), records.step_run(opened, "train", 0, "teacher"):
+            raise TerminationSignal(signal.SIGTERM)
+        assert set(_runs_of(client, opened.key).values()) == {"KILLED"}

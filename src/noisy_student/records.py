@@ -60,7 +60,6 @@ from noisy_student.runs import (
     check_iteration,
     final_iteration,
 )
-from noisy_student.signals import Stopped
 from noisy_student.tracking import (
     _flat,
     _log_model,
@@ -110,9 +109,11 @@ def label_name(iteration: int) -> str:
 
 
 def end_status(err: BaseException) -> str:
-    """How a record ends when ``err`` stopped its step: KILLED when a signal or Ctrl-C
-    stopped it (the step was sound, and may simply run again), FAILED for an error."""
-    return "KILLED" if isinstance(err, (Stopped, KeyboardInterrupt)) else "FAILED"
+    """How a record ends when ``err`` stopped its step: KILLED when the step was stopped
+    from outside (a signal, Ctrl-C, an orchestrator's cancellation such as the signal a
+    Prefect flow run raises on SIGTERM: exceptions outside ``Exception``); the step was
+    sound and may simply run again. FAILED for an error."""
+    return "FAILED" if isinstance(err, Exception) else "KILLED"
 
 
 @dataclass
